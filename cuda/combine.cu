@@ -1,0 +1,224 @@
+// Combine: rows go back to the slots they came from and are summed per token.
+//
+// After a barrier (every peer's staging is free), the push phase (one warp per row) writes each
+// row held for a peer's slot (s, f) into s's staging at slot f, with its scale and value; rows
+// of this rank's own slots stay where they are. The reduce phase (one warp per token, after
+// every peer's data_done flag) sums a token's delivered slots in slot order in float32, reading
+// its own rows in place and the others from staging. Fixed order, no atomics: deterministic.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "cuda/device_utils.cuh"
+#include "cuda/ep_kernels.h"
+#include "cuda/layout_kernels.cuh"
+
+namespace jax_ep {
+namespace {
+
+constexpr int kThreads = 512;
+
+struct CombineParams {
+  CommEnv env;
+  CallShape shape;
+  const int4* rows;
+  const float* row_scale;
+  const float* row_values;
+  const int32_t* dest_rank;
+  const int32_t* dest_row;
+  const int32_t* row_src;
+  const int32_t* num_recv;
+  int4* out;
+  float* slot_values;
+};
+
+__global__ void __launch_bounds__(kThreads) PushKernel(CombineParams p) {
+  const CommEnv& env = p.env;
+  const CommLayout& L = env.layout;
+  if (Poisoned(env)) return;
+  const int lane = Lane();
+  const int vecs = static_cast<int>(p.shape.row_bytes / 16);
+  const int slots = p.shape.tokens * p.shape.top_k;
+  const long long used = *p.num_recv;
+  for (long long r = GlobalWarp(); r < used; r += NumWarps()) {
+    const int id = p.row_src[r];
+    if (id < 0) continue;
+    const int s = id / slots, f = id % slots;
+    if (s == env.rank || s >= env.num_ranks) continue;
+    if (p.rows) WarpCopyRow(At<int4>(env, s, L.staging) + static_cast<long long>(f) * vecs,
+                            p.rows + r * vecs, vecs, lane);
+    if (lane == 0) {
+      if (p.row_scale) At<float>(env, s, L.row_f32)[f] = p.row_scale[r];
+      if (p.row_values) At<float>(env, s, L.slot_f32)[f] = p.row_values[r];
+    }
+  }
+  if (LastBlockDone(&Signal(env, env.rank)->block_counter[1])) {
+    const unsigned long long seq = CurrentSeq(env);
+    BlockSignalPeers(env, seq, [&](int d) { return &Signal(env, d)->data_done[env.rank]; });
+  }
+}
+
+template <typename T>
+struct Vec16;  // 16 bytes of T <-> float
+template <>
+struct Vec16<float> {
+  static constexpr int kN = 4;
+  __device__ static void Load(const int4& v, float* x) {
+    const float* f = reinterpret_cast<const float*>(&v);
+#pragma unroll
+    for (int i = 0; i < kN; ++i) x[i] = f[i];
+  }
+  __device__ static int4 Store(const float* x) {
+    int4 v;
+    float* f = reinterpret_cast<float*>(&v);
+#pragma unroll
+    for (int i = 0; i < kN; ++i) f[i] = x[i];
+    return v;
+  }
+};
+template <>
+struct Vec16<__nv_bfloat16> {
+  static constexpr int kN = 8;
+  __device__ static void Load(const int4& v, float* x) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < kN / 2; ++i) {
+      const float2 f = __bfloat1622float2(h[i]);
+      x[2 * i] = f.x;
+      x[2 * i + 1] = f.y;
+    }
+  }
+  __device__ static int4 Store(const float* x) {
+    int4 v;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < kN / 2; ++i) h[i] = __floats2bfloat162_rn(x[2 * i], x[2 * i + 1]);
+    return v;
+  }
+};
+template <>
+struct Vec16<__half> {
+  static constexpr int kN = 8;
+  __device__ static void Load(const int4& v, float* x) {
+    const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+    for (int i = 0; i < kN / 2; ++i) {
+      const float2 f = __half22float2(h[i]);
+      x[2 * i] = f.x;
+      x[2 * i + 1] = f.y;
+    }
+  }
+  __device__ static int4 Store(const float* x) {
+    int4 v;
+    __half2* h = reinterpret_cast<__half2*>(&v);
+#pragma unroll
+    for (int i = 0; i < kN / 2; ++i) h[i] = __floats2half2_rn(x[2 * i], x[2 * i + 1]);
+    return v;
+  }
+};
+
+// Slots are summed in groups of kGroup so that several loads are in flight per lane.
+constexpr int kGroup = 4;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) ReduceKernel(CombineParams p) {
+  using V = Vec16<T>;
+  const CommEnv& env = p.env;
+  const CommLayout& L = env.layout;
+  SignalArea* me = Signal(env, env.rank);
+  if (!BlockWaitPeers(env, me->data_done, CurrentSeq(env), kPhaseCombineData)) return;
+  const int lane = Lane();
+  const int k = p.shape.top_k;
+  const int vecs = static_cast<int>(p.shape.row_bytes / 16);
+  const int4* staging = At<int4>(env, env.rank, L.staging);
+  const float* staged_scale = At<float>(env, env.rank, L.row_f32);
+  const float* staged_values = At<float>(env, env.rank, L.slot_f32);
+
+  for (int t = GlobalWarp(); t < p.shape.tokens; t += NumWarps()) {
+    // Lane j < k describes slot j: where its row is and its scale.
+    const int f = t * k + lane;
+    const int4* src = nullptr;
+    bool remote = false;
+    float scale = 1.0f;
+    if (lane < k) {
+      const int d = p.dest_rank[f];
+      const int r = p.dest_row[f];
+      if (r >= 0 && d >= 0) {
+        remote = d != env.rank;
+        src = remote ? staging + static_cast<long long>(f) * vecs : p.rows + static_cast<long long>(r) * vecs;
+        if (p.row_scale) scale = remote ? __ldcg(&staged_scale[f]) : p.row_scale[r];
+        if (p.slot_values) p.slot_values[f] = remote ? __ldcg(&staged_values[f]) : p.row_values[r];
+      } else if (p.slot_values) {
+        p.slot_values[f] = 0.0f;
+      }
+    }
+    if (!p.out) continue;
+    const unsigned delivered = __ballot_sync(0xffffffffu, src != nullptr);
+    const unsigned remote_mask = __ballot_sync(0xffffffffu, remote);
+    int4* dst = p.out + static_cast<long long>(t) * vecs;
+    // Every lane runs every iteration (the shuffles need the whole warp); lanes past the row
+    // end only skip their loads and stores.
+    for (int v0 = 0; v0 < vecs; v0 += kWarp) {
+      const int v = v0 + lane;
+      const bool in_row = v < vecs;
+      float acc[V::kN];
+#pragma unroll
+      for (int i = 0; i < V::kN; ++i) acc[i] = 0.0f;
+      for (unsigned m = delivered; m;) {
+        int4 loaded[kGroup];
+        float scales[kGroup];
+        int n = 0;
+#pragma unroll
+        for (int g = 0; g < kGroup; ++g) {
+          if (m) {
+            const int j = __ffs(m) - 1;
+            m &= m - 1;
+            const int4* s = reinterpret_cast<const int4*>(
+                __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(src), j));
+            scales[g] = __shfl_sync(0xffffffffu, scale, j);
+            if (in_row) loaded[g] = (remote_mask >> j) & 1u ? __ldcg(s + v) : s[v];
+            n = g + 1;
+          }
+        }
+        if (!in_row) continue;
+#pragma unroll
+        for (int g = 0; g < kGroup; ++g) {
+          if (g < n) {
+            float x[V::kN];
+            V::Load(loaded[g], x);
+#pragma unroll
+            for (int i = 0; i < V::kN; ++i) acc[i] += scales[g] * x[i];
+          }
+        }
+      }
+      if (in_row) dst[v] = V::Store(acc);
+    }
+  }
+}
+
+int Blocks(const CallShape& s) { return s.num_blocks > 0 ? s.num_blocks : 1; }
+
+template <typename T>
+cudaError_t LaunchReduce(const CombineParams& p, cudaStream_t stream) {
+  ReduceKernel<T><<<Blocks(p.shape), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t LaunchCombine(const CombineArgs& a, cudaStream_t stream) {
+  cudaError_t err = LaunchBarrier(a.env, stream);
+  if (err != cudaSuccess) return err;
+  CombineParams p{a.env, a.shape, static_cast<const int4*>(a.rows), a.row_scale, a.row_values,
+                  a.dest_rank, a.dest_row, a.row_src, a.num_recv, static_cast<int4*>(a.out),
+                  a.slot_values};
+  PushKernel<<<Blocks(a.shape), kThreads, 0, stream>>>(p);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  switch (a.elem) {
+    case ElemType::kF32: return LaunchReduce<float>(p, stream);
+    case ElemType::kBF16: return LaunchReduce<__nv_bfloat16>(p, stream);
+    case ElemType::kF16: return LaunchReduce<__half>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace jax_ep

@@ -1,0 +1,117 @@
+// The communication buffer of one rank: one cudaMalloc per (group, device), the same layout on
+// every rank of a group, so a peer finds anything in it by the offsets below. Host and device
+// code share this header; ComputeCommLayout is the one place its sizes are derived.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace jax_ep {
+
+constexpr int kMaxRanks = 8;          // ranks of one EP group (one host)
+constexpr int kLayoutChunk = 256;     // slots per chunk of the layout pass (threads per block)
+constexpr int kMaxExperts = 4096;     // the layout keeps per-expert counters in shared memory
+
+// Progress of one rank, written by itself and its peers. Flags hold the sequence number of the
+// call that set them, so they never need resetting and survive CUDA-graph replay.
+struct alignas(128) SignalArea {
+  unsigned long long seq;                       // calls made by this rank (its kernels only)
+  unsigned long long poisoned;                  // nonzero once a wait timed out: the group is dead
+  unsigned int block_counter[4];                // "last block done" counters, one per kernel kind
+  unsigned long long notify[kMaxRanks];         // peer s: seq of its latest notify / barrier
+  unsigned long long data_done[kMaxRanks];      // peer s: seq when its pushes to us are complete
+};
+
+// Limits a group's buffers are sized for (from EPConfig and the mesh).
+struct CommLimits {
+  int num_ranks;
+  int num_experts;
+  int top_k;
+  int max_tokens;
+  int64_t max_capacity;    // C for max_tokens
+  int64_t max_row_bytes;   // hidden_size * itemsize of the widest dtype
+};
+
+// Byte offsets into the communication buffer. Shared regions (peers write them):
+//   signal, counts [kMaxRanks][E] int32 (row s written by rank s),
+//   row_primary [C] int32, row_src [C] int32, row_f32 [S] float, slot_f32 [Tk] float,
+//   staging [S][row_bytes]
+// Private regions (only this rank's kernels): local_rank [Tk], chunk_hist / chunk_base
+// [chunks][E], dest_base [E].   (S = max(C, T*k), Tk = T*k.)
+struct CommLayout {
+  size_t signal, counts, row_primary, row_src, row_f32, slot_f32, staging;
+  size_t local_rank, chunk_hist, chunk_base, dest_base;
+  size_t total_bytes;
+  int64_t staging_rows;
+  int64_t max_row_bytes;
+  int max_chunks;
+};
+
+inline size_t AlignUp(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+inline CommLayout ComputeCommLayout(const CommLimits& lim) {
+  const int64_t slots = static_cast<int64_t>(lim.max_tokens) * lim.top_k;
+  const int64_t cap = lim.max_capacity;
+  const int64_t s = cap > slots ? cap : slots;
+  CommLayout l{};
+  size_t off = 0;
+  auto take = [&off](size_t bytes) {
+    const size_t at = off;
+    off = AlignUp(off + bytes, 256);
+    return at;
+  };
+  l.signal = take(sizeof(SignalArea));
+  l.counts = take(sizeof(int32_t) * kMaxRanks * lim.num_experts);
+  l.row_primary = take(sizeof(int32_t) * cap);
+  l.row_src = take(sizeof(int32_t) * cap);
+  l.row_f32 = take(sizeof(float) * s);
+  l.slot_f32 = take(sizeof(float) * slots);
+  l.staging = take(static_cast<size_t>(s) * lim.max_row_bytes);
+  l.max_chunks = static_cast<int>((slots + kLayoutChunk - 1) / kLayoutChunk);
+  l.local_rank = take(sizeof(int32_t) * slots);
+  l.chunk_hist = take(sizeof(int32_t) * l.max_chunks * lim.num_experts);
+  l.chunk_base = take(sizeof(int32_t) * l.max_chunks * lim.num_experts);
+  l.dest_base = take(sizeof(int32_t) * lim.num_experts);
+  l.total_bytes = off;
+  l.staging_rows = s;
+  l.max_row_bytes = lim.max_row_bytes;
+  return l;
+}
+
+// What a timed-out wait leaves for the host, in pinned host memory the device writes.
+struct ErrorRecord {
+  int32_t code;   // 0: none; 1: timeout waiting for a peer
+  int32_t phase;  // a Phase below
+  int32_t peer;   // the rank that never arrived
+  int32_t rank;   // the rank that waited
+  unsigned long long seq;
+};
+
+enum Phase : int32_t {
+  kPhaseDispatchNotify = 1,
+  kPhaseDispatchData = 2,
+  kPhaseBarrier = 3,
+  kPhaseCombineData = 4,
+};
+
+inline const char* PhaseName(int32_t phase) {
+  switch (phase) {
+    case kPhaseDispatchNotify: return "dispatch/notify (count exchange)";
+    case kPhaseDispatchData: return "dispatch/data (rows from peers)";
+    case kPhaseBarrier: return "barrier (peer ready)";
+    case kPhaseCombineData: return "combine/data (rows pushed back)";
+    default: return "unknown";
+  }
+}
+
+// Everything a kernel needs to reach its own and its peers' buffers, passed by value.
+struct CommEnv {
+  int rank;
+  int num_ranks;
+  char* base[kMaxRanks];  // each rank's buffer as mapped in this process (base[rank] is ours)
+  CommLayout layout;
+  ErrorRecord* error;     // device pointer of the host-mapped record
+  unsigned long long timeout_ns;
+};
+
+}  // namespace jax_ep

@@ -1,0 +1,197 @@
+// Dispatch and redispatch: the send phase and the receive (finalize) phase.
+//
+// Send (one warp per token): every delivered slot (t, j) has a destination rank d and row r.
+// Rows for this rank are written straight into XLA's output. A token goes to each peer once:
+// its first slot for d (in slot order) is the token's primary row there, the token's bytes go
+// to d's staging buffer at that row, and every row of the token on d records the primary row so
+// d can expand it. Per-row metadata (weight, source slot) goes with it.
+// Finalize (one warp per row, after every peer's data_done flag): copies staged rows into XLA's
+// output, and zero-fills the rows past num_recv.
+#include "cuda/device_utils.cuh"
+#include "cuda/ep_kernels.h"
+#include "cuda/layout_kernels.cuh"
+
+namespace jax_ep {
+namespace {
+
+constexpr int kThreads = 512;
+
+struct SendParams {
+  CommEnv env;
+  CallShape shape;
+  const int4* x;              // [T, H] or null
+  const float* slot_values;   // [T, k] or null (dispatch: topk_weights)
+  const int32_t* topk_idx;    // dispatch only
+  int32_t* dest_rank;         // dispatch: written; redispatch: read
+  int32_t* dest_row;
+  int4* out_x;                // [C, H] or null
+  float* out_values;          // [C] or null
+  int32_t* out_row_src;       // [C], dispatch only
+};
+
+struct FinalizeParams {
+  CommEnv env;
+  CallShape shape;
+  const int32_t* num_recv;
+  int4* out_x;
+  float* out_values;
+  int32_t* out_row_src;
+};
+
+template <bool kDispatch>
+__global__ void __launch_bounds__(kThreads) SendKernel(SendParams p) {
+  const CommEnv& env = p.env;
+  const CallShape& s = p.shape;
+  const CommLayout& L = env.layout;
+  if (Poisoned(env)) return;
+  const int lane = Lane();
+  const int k = s.top_k;
+  const int slots = s.tokens * k;
+  const int vecs = static_cast<int>(s.row_bytes / 16);
+  const int32_t* dest_base = At<int32_t>(env, env.rank, L.dest_base);
+  const int32_t* chunk_base = At<int32_t>(env, env.rank, L.chunk_base);
+  const int32_t* local_rank = At<int32_t>(env, env.rank, L.local_rank);
+
+  for (int t = GlobalWarp(); t < s.tokens; t += NumWarps()) {
+    const int f = t * k + lane;
+    int d = -1;
+    long long row = -1;
+    if (lane < k) {
+      if constexpr (kDispatch) {
+        const int e = p.topk_idx[f];
+        if (e >= 0 && e < s.num_experts) {
+          const long long r = static_cast<long long>(dest_base[e]) +
+                              chunk_base[static_cast<size_t>(f / kLayoutChunk) * s.num_experts + e] +
+                              local_rank[f];
+          if (r < s.capacity) {
+            d = e / s.experts_local;
+            row = r;
+          }
+        }
+        p.dest_rank[f] = d;
+        p.dest_row[f] = static_cast<int32_t>(row);
+      } else {
+        d = p.dest_rank[f];
+        row = p.dest_row[f];
+        if (row < 0 || d < 0 || d >= env.num_ranks || row >= s.capacity) d = -1, row = -1;
+      }
+    }
+    const bool delivered = d >= 0;
+    // The token's first slot for each destination carries its bytes there.
+    const unsigned same_dest = __match_any_sync(0xffffffffu, delivered ? d : -1 - lane);
+    const int first = __ffs(same_dest) - 1;
+    const long long primary = __shfl_sync(0xffffffffu, row, first);
+
+    int4* target = nullptr;
+    if (delivered) {
+      const int32_t src_id = env.rank * slots + f;
+      if (d == env.rank) {
+        At<int32_t>(env, d, L.row_primary)[row] = -1;  // written in place
+        if (p.out_values) p.out_values[row] = p.slot_values[f];
+        if constexpr (kDispatch) p.out_row_src[row] = src_id;
+        if (p.out_x) target = p.out_x + row * vecs;
+      } else {
+        At<int32_t>(env, d, L.row_primary)[row] = static_cast<int32_t>(primary);
+        if (p.slot_values) At<float>(env, d, L.row_f32)[row] = p.slot_values[f];
+        if constexpr (kDispatch) At<int32_t>(env, d, L.row_src)[row] = src_id;
+        if (p.x && first == lane) target = At<int4>(env, d, L.staging) + row * vecs;
+      }
+    }
+    if (p.x) {
+      // Read the token once; store each 16-byte vector to every target of the warp.
+      const int4* src = p.x + static_cast<size_t>(t) * vecs;
+      const unsigned targets = __ballot_sync(0xffffffffu, target != nullptr);
+      // Every lane runs every iteration (the shuffles need the whole warp).
+      for (int v0 = 0; v0 < vecs; v0 += 2 * kWarp) {
+        const int v = v0 + lane;
+        const bool first_in = v < vecs, second_in = v + kWarp < vecs;
+        const int4 zero = make_int4(0, 0, 0, 0);
+        const int4 a = first_in ? src[v] : zero;
+        const int4 b = second_in ? src[v + kWarp] : zero;
+        for (unsigned m = targets; m; m &= m - 1) {
+          const int j = __ffs(m) - 1;
+          int4* dst = reinterpret_cast<int4*>(
+              __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(target), j));
+          if (first_in) dst[v] = a;
+          if (second_in) dst[v + kWarp] = b;
+        }
+      }
+    }
+  }
+  if (LastBlockDone(&Signal(env, env.rank)->block_counter[0])) {
+    const unsigned long long seq = CurrentSeq(env);
+    BlockSignalPeers(env, seq, [&](int d) { return &Signal(env, d)->data_done[env.rank]; });
+  }
+}
+
+template <bool kDispatch>
+__global__ void __launch_bounds__(kThreads) FinalizeKernel(FinalizeParams p) {
+  const CommEnv& env = p.env;
+  const CommLayout& L = env.layout;
+  SignalArea* me = Signal(env, env.rank);
+  if (!BlockWaitPeers(env, me->data_done, CurrentSeq(env), kPhaseDispatchData)) return;
+  const int lane = Lane();
+  const int vecs = static_cast<int>(p.shape.row_bytes / 16);
+  const long long used = *p.num_recv;
+  const int32_t* primary = At<int32_t>(env, env.rank, L.row_primary);
+  const float* staged_values = At<float>(env, env.rank, L.row_f32);
+  const int32_t* staged_src = At<int32_t>(env, env.rank, L.row_src);
+  const int4* staging = At<int4>(env, env.rank, L.staging);
+
+  for (long long r = GlobalWarp(); r < p.shape.capacity; r += NumWarps()) {
+    if (r < used) {
+      const int from = __ldcg(&primary[r]);
+      if (from < 0) continue;  // written in place by this rank
+      if (p.out_x) {
+        const int4* src = staging + static_cast<long long>(from) * vecs;
+        int4* dst = p.out_x + r * vecs;
+        for (int v = lane; v < vecs; v += kWarp) dst[v] = __ldcg(src + v);
+      }
+      if (lane == 0) {
+        if (p.out_values) p.out_values[r] = __ldcg(&staged_values[r]);
+        if constexpr (kDispatch) p.out_row_src[r] = __ldcg(&staged_src[r]);
+      }
+    } else {
+      if (p.out_x) WarpZeroRow(p.out_x + r * vecs, vecs, lane);
+      if (lane == 0) {
+        if (p.out_values) p.out_values[r] = 0.0f;
+        if constexpr (kDispatch) p.out_row_src[r] = -1;
+      }
+    }
+  }
+}
+
+int Blocks(const CallShape& s) { return s.num_blocks > 0 ? s.num_blocks : 1; }
+
+}  // namespace
+
+cudaError_t LaunchDispatch(const DispatchArgs& a, cudaStream_t stream) {
+  const CallShape& s = a.shape;
+  cudaError_t err = LaunchLayoutAndNotify(a.env, a.topk_idx, s.tokens, s.top_k, s.num_experts,
+                                          s.experts_local, s.capacity, a.group_sizes,
+                                          a.num_dropped, a.num_recv, stream);
+  if (err != cudaSuccess) return err;
+  SendParams sp{a.env, s, static_cast<const int4*>(a.x), a.topk_weights, a.topk_idx,
+                a.dest_rank, a.dest_row, static_cast<int4*>(a.out_x), a.out_weights, a.row_src};
+  SendKernel<true><<<Blocks(s), kThreads, 0, stream>>>(sp);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  FinalizeParams fp{a.env, s, a.num_recv, static_cast<int4*>(a.out_x), a.out_weights, a.row_src};
+  FinalizeKernel<true><<<Blocks(s), kThreads, 0, stream>>>(fp);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchRedispatch(const RedispatchArgs& a, cudaStream_t stream) {
+  const CallShape& s = a.shape;
+  cudaError_t err = LaunchBarrier(a.env, stream);
+  if (err != cudaSuccess) return err;
+  SendParams sp{a.env, s, static_cast<const int4*>(a.x), a.slot_values, nullptr,
+                const_cast<int32_t*>(a.dest_rank), const_cast<int32_t*>(a.dest_row),
+                static_cast<int4*>(a.out_x), a.out_values, nullptr};
+  SendKernel<false><<<Blocks(s), kThreads, 0, stream>>>(sp);
+  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  FinalizeParams fp{a.env, s, a.num_recv, static_cast<int4*>(a.out_x), a.out_values, nullptr};
+  FinalizeKernel<false><<<Blocks(s), kThreads, 0, stream>>>(fp);
+  return cudaGetLastError();
+}
+
+}  // namespace jax_ep

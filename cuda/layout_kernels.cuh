@@ -1,0 +1,28 @@
+// Host launchers shared by the operation launchers (dispatch.cu, combine.cu).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/comm_layout.h"
+
+namespace jax_ep {
+
+constexpr int kNotifyThreads = 1024;
+
+// The layout pass and count exchange of dispatch (layout.cu): fills the private layout scratch
+// of env.rank's buffer and writes group_sizes, num_dropped and num_recv.
+cudaError_t LaunchLayoutAndNotify(const CommEnv& env, const int32_t* topk_idx, int tokens,
+                                  int top_k, int num_experts, int experts_local,
+                                  long long capacity, int32_t* group_sizes, int32_t* num_dropped,
+                                  int32_t* num_recv, cudaStream_t stream);
+
+// A barrier with every peer (sync.cu): starts a call (advances seq) and returns on each rank
+// once all ranks have started it, so peers may then write into each other's buffers.
+cudaError_t LaunchBarrier(const CommEnv& env, cudaStream_t stream);
+
+// Opts the layout kernels into the shared memory E experts need, on the current device.
+cudaError_t PrepareLayoutKernels(int num_experts);
+
+}  // namespace jax_ep

@@ -1,0 +1,18 @@
+"""jax_ep: expert-parallel MoE token dispatch and combine for JAX.
+
+    group = jax_ep.EPGroup(mesh, "expert", jax_ep.EPConfig(num_experts=E, top_k=k))
+    # inside shard_map over "expert":
+    d = jax_ep.dispatch(group, x, topk_idx, topk_weights)
+    y = jax.lax.ragged_dot(d.x, w_experts, d.group_sizes)
+    out = jax_ep.combine(group, y, d.handle, weights=d.weights)
+"""
+
+from jax_ep.api import combine, dispatch
+from jax_ep.errors import EPRuntimeError
+from jax_ep.config import EPConfig
+from jax_ep.group import EPGroup, cuda_available
+from jax_ep.types import Dispatched, Handle
+
+__all__ = ["EPConfig", "EPGroup", "Dispatched", "Handle", "dispatch", "combine",
+           "cuda_available", "EPRuntimeError"]
+__version__ = "0.1.0"

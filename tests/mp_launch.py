@@ -1,0 +1,50 @@
+"""Starts N processes sharing this machine's GPU(s) through jax.distributed on 127.0.0.1, each
+running `python -m <module> <args>` with its rank, and collects their exit codes and output."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(module: str, world: int, args: list[str], timeout_s: float = 600,
+           mem_fraction: float | None = None) -> list[tuple[int, str]]:
+    """Runs `world` ranks of `module`; returns [(exit code, output)] in rank order. A rank still
+    running after timeout_s is killed (exit code -9)."""
+    port = free_port()
+    env = dict(os.environ)
+    env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(mem_fraction or min(0.3, 0.6 / world))
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("XLA_FLAGS", None)  # no emulated CPU devices in the workers
+    procs = []
+    for rank in range(world):
+        cmd = [sys.executable, "-m", module, "--rank", str(rank), "--world", str(world),
+               "--port", str(port), *args]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    deadline = time.monotonic() + timeout_s
+    results = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            out, _ = p.communicate()
+            out += f"\n[killed after {timeout_s} s]"
+        results.append((p.returncode, out))
+    return results

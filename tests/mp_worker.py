@@ -1,0 +1,84 @@
+"""One rank of the multi-process GPU tests (see tests/test_cuda.py): N processes share one GPU
+through jax.distributed on 127.0.0.1 and CUDA IPC; only jax_ep's custom calls cross ranks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--mode", choices=["cases", "timeout"], default="cases")
+    args = parser.parse_args()
+
+    import jax
+
+    jax.distributed.initialize(f"127.0.0.1:{args.port}", num_processes=args.world,
+                               process_id=args.rank)
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from tests import cuda_checks
+
+    mesh = Mesh(np.array(jax.devices()), ("expert",))
+    assert mesh.devices.size == args.world, jax.devices()
+    if args.mode == "timeout":
+        return timeout_mode(args, mesh)
+    for case in cuda_checks.CASES:
+        t0 = time.perf_counter()
+        cuda_checks.check_case(mesh, case, seed=args.world)
+        print(f"rank {args.rank}/{args.world}: {case.name} ok ({time.perf_counter() - t0:.1f} s)")
+    cuda_checks.check_scan_rounds(mesh)
+    print(f"rank {args.rank}/{args.world}: scan_20_rounds ok")
+    return 0
+
+
+def timeout_mode(args, mesh) -> int:
+    """Rank 0 dispatches; rank 1 never does. Rank 0 must get a timeout error naming rank 1 and
+    the phase, not hang; rank 1 keeps its buffer alive until rank 0 is done."""
+    import numpy as np
+    from jax._src import distributed
+
+    import jax_ep
+    from tests import cuda_checks
+
+    client = distributed.global_state.client
+    case = cuda_checks.Case("timeout", 8, 2, 2, 64, "float32")
+    group = cuda_checks.make_group(mesh, case, timeout_s=3.0)
+    if args.rank != 0:
+        client.blocking_key_value_get("jax_ep_test/timeout_done", 120_000)
+        return 0
+    x, idx, w, *_ = cuda_checks.inputs_for(case, args.world, 0)
+    run = cuda_checks.harness.per_rank(mesh, lambda a, b, c: jax_ep.dispatch(group, a, b, c).x)
+    inputs = [cuda_checks.to_global(a, mesh) for a in (x, idx, w)]
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(*inputs))
+    waited = time.perf_counter() - t0
+    ok = True
+    try:
+        group.check()
+        print("rank 0: no error recorded after a peer never arrived")
+        ok = False
+    except jax_ep.EPRuntimeError as e:
+        print(f"rank 0: check() raised after {waited:.1f} s: {e}")
+        ok &= "waiting for rank 1" in str(e) and "dispatch/notify" in str(e)
+    try:
+        jax.block_until_ready(run(*inputs))
+        print("rank 0: the next call did not fail")
+        ok = False
+    except Exception as e:  # XLA wraps the FFI error
+        print(f"rank 0: next call raised {type(e).__name__}: {str(e)[:200]}")
+        ok &= "timed out" in str(e)
+    client.key_value_set("jax_ep_test/timeout_done", "1")
+    group.close()
+    print("rank 0: timeout test " + ("ok" if ok else "FAILED"))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""The cuda backend on a GPU (marker `gpu`; skipped without one): equal to the reference
+contract on one GPU and with N = 2, 4, 8 processes sharing the GPU through CUDA IPC."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+import jax_ep
+from tests import cuda_checks, harness, mp_launch
+
+pytestmark = pytest.mark.gpu
+
+
+def one_gpu_mesh() -> Mesh:
+    return Mesh(np.array(jax.devices("gpu")[:1]), ("expert",))
+
+
+@pytest.mark.parametrize("case", cuda_checks.CASES, ids=lambda c: c.name)
+def test_one_gpu_equals_oracle(case):
+    assert cuda_checks.check_case(one_gpu_mesh(), case) == 1
+
+
+def test_one_gpu_scan_of_20_rounds():
+    assert cuda_checks.check_scan_rounds(one_gpu_mesh()) == 1
+
+
+@pytest.mark.parametrize("case", cuda_checks.CASES[:4], ids=lambda c: c.name)
+def test_one_gpu_equals_reference_backend(case):
+    mesh = one_gpu_mesh()
+    x, idx, w, *_ = cuda_checks.inputs_for(case, 1, seed=5)
+    results = []
+    for backend in ("cuda", "reference"):
+        group = cuda_checks.make_group(mesh, case, backend=backend)
+        assert group.backend_name == backend
+        results.append(harness.dispatch_combine_all(group, x, idx, w))
+        group.close()
+    (d, plain, weighted), (d_ref, plain_ref, weighted_ref) = results
+    for a, b in zip(jax.tree.leaves(d), jax.tree.leaves(d_ref)):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+    for a, b in ((plain, plain_ref), (weighted, weighted_ref)):
+        harness.assert_combine_close(a, np.asarray(b, np.float64), case.dtype)
+
+
+def test_auto_picks_cuda_on_gpus():
+    group = jax_ep.EPGroup(one_gpu_mesh(), "expert",
+                           jax_ep.EPConfig(num_experts=4, top_k=2, max_tokens=8, hidden_size=64))
+    assert group.backend_name == "cuda"
+    group.close()
+
+
+def test_hidden_size_that_cannot_be_vectorised_is_a_value_error():
+    case = cuda_checks.Case("odd", 4, 2, 2, 36, "bfloat16")  # 72-byte rows
+    group = cuda_checks.make_group(one_gpu_mesh(), case)
+    x, idx, w, *_ = cuda_checks.inputs_for(case, 1, 0)
+    with pytest.raises(ValueError, match="multiple of 8 for bfloat16"):
+        harness.dispatch_all(group, x, idx, w)
+    group.close()
+
+
+def test_cuda_config_needs_buffer_sizes():
+    with pytest.raises(ValueError, match="max_tokens"):
+        jax_ep.EPGroup(one_gpu_mesh(), "expert", jax_ep.EPConfig(num_experts=4, top_k=2),
+                       backend="cuda")
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_processes_sharing_the_gpu(world):
+    results = mp_launch.launch("tests.mp_worker", world, ["--mode", "cases"], timeout_s=540)
+    for rank, (code, out) in enumerate(results):
+        assert code == 0, f"rank {rank} exited {code}:\n{out[-4000:]}"
+        assert "scan_20_rounds ok" in out
+
+
+def test_a_peer_that_never_arrives_is_a_timeout_error():
+    results = mp_launch.launch("tests.mp_worker", 2, ["--mode", "timeout"], timeout_s=240)
+    code, out = results[0]
+    assert code == 0, out[-4000:]
+    assert "timeout test ok" in out

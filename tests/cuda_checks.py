@@ -125,13 +125,13 @@ def inputs_for(case: Case, num_ranks: int, seed: int):
     return x, idx, w, ct_rows, ct_row_w, ct_out, cfg_capacity
 
 
-def check_case(mesh: Mesh, case: Case, seed: int = 0) -> int:
-    """Runs `case` on the cuda backend and checks every rank this process holds against the
-    oracle; returns how many ranks it checked."""
+def check_case(mesh: Mesh, case: Case, seed: int = 0, backend: str = "cuda") -> int:
+    """Runs `case` on `backend` and checks every rank this process holds against the oracle;
+    returns how many ranks it checked."""
     n = mesh.shape["expert"]
     x, idx, w, ct_rows, ct_row_w, ct_out, capacity = inputs_for(case, n, seed)
     want = oracle.dispatch(x, idx, w, case.experts_per_rank * n, capacity)
-    group = make_group(mesh, case)
+    group = make_group(mesh, case, backend=backend)
     try:
         program = _per_rank_program(group)
         args = [to_global(a, mesh) for a in (x, idx, w, ct_rows, ct_row_w, ct_out)]
@@ -168,8 +168,8 @@ def check_case(mesh: Mesh, case: Case, seed: int = 0) -> int:
             1.0, np.abs(w_ct_want).max(initial=0)))
         # Bitwise determinism: the same inputs give the same bytes.
         for a, b in zip(jax.tree.leaves(parts[r]), jax.tree.leaves(parts_again[r])):
-            np.testing.assert_array_equal(np.asarray(a).view(np.uint8),
-                                          np.asarray(b).view(np.uint8))
+            np.testing.assert_array_equal(np.atleast_1d(a).view(np.uint8),
+                                          np.atleast_1d(b).view(np.uint8))
     return len(parts)
 
 
@@ -191,7 +191,7 @@ def _combine_vjp_oracle(want: oracle.OracleDispatch, ct_out, r: int, case: Case)
     return ct_rows, ct_w
 
 
-def check_scan_rounds(mesh: Mesh, rounds: int = 20, seed: int = 1) -> int:
+def check_scan_rounds(mesh: Mesh, rounds: int = 20, seed: int = 1, backend: str = "cuda") -> int:
     """lax.scan of `rounds` dispatch/combine rounds, a new routing each round: sequence numbers
     and buffer reuse across calls inside one jitted loop."""
     n = mesh.shape["expert"]
@@ -201,7 +201,7 @@ def check_scan_rounds(mesh: Mesh, rounds: int = 20, seed: int = 1) -> int:
     idx = np.stack([a for a, _ in routed], axis=1)  # [N, rounds, T, k]
     w = np.stack([b for _, b in routed], axis=1)
     x = harness.random_tokens(rng, n, case.tokens, case.hidden, jnp.bfloat16)
-    group = make_group(mesh, case)
+    group = make_group(mesh, case, backend=backend)
 
     def body(x0, idx_r, w_r):
         def step(carry, inputs):

@@ -2,7 +2,6 @@
 contract on one GPU and with N = 2, 4, 8 processes sharing the GPU through CUDA IPC."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh

@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jax_ep import _ext
+from jax_ep._vma import make_varying, varying_axes
 from jax_ep.config import EPConfig, Sizes
 from jax_ep.errors import EPRuntimeError
 from jax_ep.types import Handle
@@ -156,10 +157,13 @@ class CudaBackend:
     # --- the three operations --------------------------------------------------------------------
 
     def _call(self, target: str, out_types, *args):
+        axes = varying_axes(*args)
+        args = [make_varying(a, axes) for a in args]
         # Side-effecting: each call advances the group's device-side sequence numbers, so XLA
         # must neither drop nor merge calls.
-        return jax.ffi.ffi_call(target, out_types, has_side_effect=True)(
+        outs = jax.ffi.ffi_call(target, out_types, has_side_effect=True)(
             *args, group_id=np.int64(self.group_id))
+        return [make_varying(o, axes) for o in outs]
 
     def dispatch(self, x, topk_idx, topk_weights, sizes: Sizes):
         t, h = x.shape

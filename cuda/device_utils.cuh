@@ -96,27 +96,35 @@ __device__ inline bool BlockWaitPeers(const CommEnv& env, const unsigned long lo
   return all;
 }
 
-// Threads 0..N-1 set their peer's flag for us: flag_of(peer)[rank] = seq. Callers make their
-// writes visible first (__threadfence_system by every writing thread, then __syncthreads).
+// Sets every peer's flag for us (flag_of(peer) = seq) once all of the block's writes are
+// visible system-wide: the barrier orders them before thread 0's fence, and each flag store is a
+// release. One fence per block, not per thread: system-scope fences are expensive.
 template <typename FlagOf>
 __device__ inline void BlockSignalPeers(const CommEnv& env, unsigned long long seq, FlagOf flag_of) {
+  if (env.num_ranks == 1) return;
+  __syncthreads();
+  if (threadIdx.x == 0) __threadfence_system();
+  __syncthreads();
   const int d = threadIdx.x;
   if (d < env.num_ranks && d != env.rank) StoreReleaseSys(flag_of(d), seq);
 }
 
 // The "last block" pattern: every block calls this once after its writes; the block that
-// finishes last gets true (and resets the counter for the next call).
+// finishes last gets true (and resets the counter for the next call). Each block's thread 0
+// fences after the barrier, so the counter's chain of increments releases every block's writes.
 __device__ inline bool LastBlockDone(unsigned int* counter) {
   __shared__ int last;
-  __threadfence_system();
   __syncthreads();
   if (threadIdx.x == 0) {
+    __threadfence_system();
     const unsigned int prev = atomicAdd(counter, 1u);
     last = prev == gridDim.x - 1;
-    if (last) *counter = 0;
+    if (last) {
+      *counter = 0;
+      __threadfence_system();
+    }
   }
   __syncthreads();
-  if (last) __threadfence_system();
   return last != 0;
 }
 
@@ -137,6 +145,16 @@ __device__ __forceinline__ void WarpCopyRow(int4* __restrict__ dst, const int4* 
 __device__ __forceinline__ void WarpZeroRow(int4* __restrict__ dst, int vecs, int lane) {
   const int4 z = make_int4(0, 0, 0, 0);
   for (int v = lane; v < vecs; v += kWarp) dst[v] = z;
+}
+
+// Work is handed out per (token, piece of its row). A token's routing costs a few dependent
+// loads, so a piece should be long; but with few tokens the pieces must be many to keep every
+// warp busy. PiecesPerToken splits rows of `segments` segments so there are about two pieces
+// per warp of the grid.
+__device__ __forceinline__ int PiecesPerToken(int tokens, int segments) {
+  const int warps = gridDim.x * blockDim.x / kWarp;
+  const int want = tokens > 0 ? (2 * warps + tokens - 1) / tokens : 1;
+  return want < 1 ? 1 : (want > segments ? segments : want);
 }
 
 __device__ __forceinline__ int GlobalWarp() { return (blockIdx.x * blockDim.x + threadIdx.x) / kWarp; }

@@ -14,7 +14,9 @@
 namespace jax_ep {
 namespace {
 
-constexpr int kThreads = 512;
+constexpr int kThreads = 1024;
+constexpr int kSendPerLane = 8;                  // 16-byte loads in flight per lane
+constexpr int kSegVecs = kSendPerLane * kWarp;   // vectors per segment of a row
 
 struct SendParams {
   CommEnv env;
@@ -48,11 +50,16 @@ __global__ void __launch_bounds__(kThreads) SendKernel(SendParams p) {
   const int k = s.top_k;
   const int slots = s.tokens * k;
   const int vecs = static_cast<int>(s.row_bytes / 16);
+  const int segments = p.x ? (vecs + kSegVecs - 1) / kSegVecs : 1;
+  const int pieces = PiecesPerToken(s.tokens, segments);
   const int32_t* dest_base = At<int32_t>(env, env.rank, L.dest_base);
   const int32_t* chunk_base = At<int32_t>(env, env.rank, L.chunk_base);
   const int32_t* local_rank = At<int32_t>(env, env.rank, L.local_rank);
+  const int chunks = (slots + kLayoutChunk - 1) / kLayoutChunk;
 
-  for (int t = GlobalWarp(); t < s.tokens; t += NumWarps()) {
+  // Work item = (token, piece of its row); piece 0 also writes the routing metadata.
+  for (int item = GlobalWarp(); item < s.tokens * pieces; item += NumWarps()) {
+    const int t = item / pieces, piece = item % pieces;
     const int f = t * k + lane;
     int d = -1;
     long long row = -1;
@@ -61,15 +68,13 @@ __global__ void __launch_bounds__(kThreads) SendKernel(SendParams p) {
         const int e = p.topk_idx[f];
         if (e >= 0 && e < s.num_experts) {
           const long long r = static_cast<long long>(dest_base[e]) +
-                              chunk_base[static_cast<size_t>(f / kLayoutChunk) * s.num_experts + e] +
+                              chunk_base[static_cast<size_t>(e) * chunks + f / kLayoutChunk] +
                               local_rank[f];
           if (r < s.capacity) {
             d = e / s.experts_local;
             row = r;
           }
         }
-        p.dest_rank[f] = d;
-        p.dest_row[f] = static_cast<int32_t>(row);
       } else {
         d = p.dest_rank[f];
         row = p.dest_row[f];
@@ -82,45 +87,54 @@ __global__ void __launch_bounds__(kThreads) SendKernel(SendParams p) {
     const int first = __ffs(same_dest) - 1;
     const long long primary = __shfl_sync(0xffffffffu, row, first);
 
-    int4* target = nullptr;
-    if (delivered) {
-      const int32_t src_id = env.rank * slots + f;
-      if (d == env.rank) {
-        At<int32_t>(env, d, L.row_primary)[row] = -1;  // written in place
-        if (p.out_values) p.out_values[row] = p.slot_values[f];
-        if constexpr (kDispatch) p.out_row_src[row] = src_id;
-        if (p.out_x) target = p.out_x + row * vecs;
-      } else {
-        At<int32_t>(env, d, L.row_primary)[row] = static_cast<int32_t>(primary);
-        if (p.slot_values) At<float>(env, d, L.row_f32)[row] = p.slot_values[f];
-        if constexpr (kDispatch) At<int32_t>(env, d, L.row_src)[row] = src_id;
-        if (p.x && first == lane) target = At<int4>(env, d, L.staging) + row * vecs;
+    if (piece == 0 && lane < k) {
+      if constexpr (kDispatch) {
+        p.dest_rank[f] = d;
+        p.dest_row[f] = static_cast<int32_t>(row);
+      }
+      if (delivered) {
+        const int32_t src_id = env.rank * slots + f;
+        if (d == env.rank) {
+          At<int32_t>(env, d, L.row_primary)[row] = -1;  // written in place
+          if (p.out_values) p.out_values[row] = p.slot_values[f];
+          if constexpr (kDispatch) p.out_row_src[row] = src_id;
+        } else {
+          At<int32_t>(env, d, L.row_primary)[row] = static_cast<int32_t>(primary);
+          if (p.slot_values) At<float>(env, d, L.row_f32)[row] = p.slot_values[f];
+          if constexpr (kDispatch) At<int32_t>(env, d, L.row_src)[row] = src_id;
+        }
       }
     }
-    if (p.x) {
-      // Read the token once; store each 16-byte vector to every target of the warp.
-      const int4* src = p.x + static_cast<size_t>(t) * vecs;
-      const unsigned targets = __ballot_sync(0xffffffffu, target != nullptr);
-      // Every lane runs every iteration (the shuffles need the whole warp).
-      for (int v0 = 0; v0 < vecs; v0 += 2 * kWarp) {
-        const int v = v0 + lane;
-        const bool first_in = v < vecs, second_in = v + kWarp < vecs;
-        const int4 zero = make_int4(0, 0, 0, 0);
-        const int4 a = first_in ? src[v] : zero;
-        const int4 b = second_in ? src[v + kWarp] : zero;
-        for (unsigned m = targets; m; m &= m - 1) {
-          const int j = __ffs(m) - 1;
-          int4* dst = reinterpret_cast<int4*>(
-              __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(target), j));
-          if (first_in) dst[v] = a;
-          if (second_in) dst[v + kWarp] = b;
+    if (!p.x) continue;
+    int4* target = nullptr;
+    if (delivered && (d == env.rank || first == lane)) {
+      target = d == env.rank ? p.out_x + row * vecs : At<int4>(env, d, L.staging) + row * vecs;
+    }
+    // Read each segment once (all its loads in flight), then store it to every target.
+    const unsigned targets = __ballot_sync(0xffffffffu, target != nullptr);
+    const int4* src = p.x + static_cast<size_t>(t) * vecs;
+    for (int seg = piece * segments / pieces; seg < (piece + 1) * segments / pieces; ++seg) {
+      const int v0 = seg * kSegVecs + lane;
+      int4 chunk[kSendPerLane];
+#pragma unroll
+      for (int u = 0; u < kSendPerLane; ++u) {
+        const int v = v0 + u * kWarp;
+        if (v < vecs) chunk[u] = src[v];
+      }
+      for (unsigned m = targets; m; m &= m - 1) {
+        int4* dst = reinterpret_cast<int4*>(
+            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(target), __ffs(m) - 1));
+#pragma unroll
+        for (int u = 0; u < kSendPerLane; ++u) {
+          const int v = v0 + u * kWarp;
+          if (v < vecs) dst[v] = chunk[u];
         }
       }
     }
   }
-  if (LastBlockDone(&Signal(env, env.rank)->block_counter[0])) {
-    const unsigned long long seq = CurrentSeq(env);
-    BlockSignalPeers(env, seq, [&](int d) { return &Signal(env, d)->data_done[env.rank]; });
+  if (env.num_ranks > 1 && LastBlockDone(&Signal(env, env.rank)->block_counter[0])) {
+    BlockSignalPeers(env, CurrentSeq(env),
+                     [&](int d) { return &Signal(env, d)->data_done[env.rank]; });
   }
 }
 
@@ -133,30 +147,40 @@ __global__ void __launch_bounds__(kThreads) FinalizeKernel(FinalizeParams p) {
   const int lane = Lane();
   const int vecs = static_cast<int>(p.shape.row_bytes / 16);
   const long long used = *p.num_recv;
-  const int32_t* primary = At<int32_t>(env, env.rank, L.row_primary);
-  const float* staged_values = At<float>(env, env.rank, L.row_f32);
-  const int32_t* staged_src = At<int32_t>(env, env.rank, L.row_src);
-  const int4* staging = At<int4>(env, env.rank, L.staging);
+  const long long capacity = p.shape.capacity;
 
-  for (long long r = GlobalWarp(); r < p.shape.capacity; r += NumWarps()) {
-    if (r < used) {
-      const int from = __ldcg(&primary[r]);
-      if (from < 0) continue;  // written in place by this rank
-      if (p.out_x) {
-        const int4* src = staging + static_cast<long long>(from) * vecs;
-        int4* dst = p.out_x + r * vecs;
-        for (int v = lane; v < vecs; v += kWarp) dst[v] = __ldcg(src + v);
+  if (env.num_ranks > 1) {
+    // Rows a peer staged: 32 rows' primaries per warp step, then the warp copies those found.
+    const int32_t* primary = At<int32_t>(env, env.rank, L.row_primary);
+    const float* staged_values = At<float>(env, env.rank, L.row_f32);
+    const int32_t* staged_src = At<int32_t>(env, env.rank, L.row_src);
+    const int4* staging = At<int4>(env, env.rank, L.staging);
+    for (long long r0 = static_cast<long long>(GlobalWarp()) * kWarp; r0 < used;
+         r0 += static_cast<long long>(NumWarps()) * kWarp) {
+      const long long mine = r0 + lane;
+      const int from = mine < used ? __ldcg(&primary[mine]) : -1;
+      for (unsigned m = __ballot_sync(0xffffffffu, from >= 0); m; m &= m - 1) {
+        const int j = __ffs(m) - 1;
+        const long long r = r0 + j;
+        const int src_row = __shfl_sync(0xffffffffu, from, j);
+        if (p.out_x) {
+          const int4* src = staging + static_cast<long long>(src_row) * vecs;
+          int4* dst = p.out_x + r * vecs;
+          for (int v = lane; v < vecs; v += kWarp) dst[v] = __ldcg(src + v);
+        }
+        if (lane == j) {
+          if (p.out_values) p.out_values[r] = __ldcg(&staged_values[r]);
+          if constexpr (kDispatch) p.out_row_src[r] = __ldcg(&staged_src[r]);
+        }
       }
-      if (lane == 0) {
-        if (p.out_values) p.out_values[r] = __ldcg(&staged_values[r]);
-        if constexpr (kDispatch) p.out_row_src[r] = __ldcg(&staged_src[r]);
-      }
-    } else {
-      if (p.out_x) WarpZeroRow(p.out_x + r * vecs, vecs, lane);
-      if (lane == 0) {
-        if (p.out_values) p.out_values[r] = 0.0f;
-        if constexpr (kDispatch) p.out_row_src[r] = -1;
-      }
+    }
+  }
+  // Rows past num_recv are zero (their metadata too).
+  for (long long r = used + GlobalWarp(); r < capacity; r += NumWarps()) {
+    if (p.out_x) WarpZeroRow(p.out_x + r * vecs, vecs, lane);
+    if (lane == 0) {
+      if (p.out_values) p.out_values[r] = 0.0f;
+      if constexpr (kDispatch) p.out_row_src[r] = -1;
     }
   }
 }

@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kLayoutChunk)
     int s = 0;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) s += warp_counts[w * e_all + i];
-    chunk_hist[static_cast<size_t>(blockIdx.x) * e_all + i] = s;
+    chunk_hist[static_cast<size_t>(i) * gridDim.x + blockIdx.x] = s;  // expert-major [E][chunks]
   }
 }
 
@@ -67,13 +67,45 @@ __global__ void __launch_bounds__(kNotifyThreads)
   const int32_t* hist = At<int32_t>(env, env.rank, L.chunk_hist);
   int32_t* chunk_base = At<int32_t>(env, env.rank, L.chunk_base);
 
-  for (int e = threadIdx.x; e < e_all; e += blockDim.x) {
-    int run = 0;
-    for (int b = 0; b < num_chunks; ++b) {
-      chunk_base[static_cast<size_t>(b) * e_all + e] = run;
-      run += hist[static_cast<size_t>(b) * e_all + e];
+  // Chunk bases: a running sum over the chunks of each expert. hist and chunk_base are
+  // expert-major [E][chunks], so a warp reads 32 chunks of an expert in one transaction; each
+  // warp takes kScanExperts experts at a time and issues all their loads (up to kScanTiles * 32
+  // chunks each) before scanning, to keep the dependent round trips few.
+  constexpr int kScanExperts = 4, kScanTiles = 4;
+  const int lane = Lane();
+  const int warps = blockDim.x / kWarp;
+  for (int e0 = (threadIdx.x / kWarp) * kScanExperts; e0 < e_all; e0 += warps * kScanExperts) {
+    int carry[kScanExperts] = {};
+    for (int b0 = 0; b0 < num_chunks; b0 += kScanTiles * kWarp) {
+      int v[kScanExperts][kScanTiles];
+#pragma unroll
+      for (int i = 0; i < kScanExperts; ++i)
+#pragma unroll
+        for (int tt = 0; tt < kScanTiles; ++tt) {
+          const int e = e0 + i, b = b0 + tt * kWarp + lane;
+          v[i][tt] = e < e_all && b < num_chunks ? hist[static_cast<size_t>(e) * num_chunks + b] : 0;
+        }
+#pragma unroll
+      for (int i = 0; i < kScanExperts; ++i)
+#pragma unroll
+        for (int tt = 0; tt < kScanTiles; ++tt) {
+          int incl = v[i][tt];
+#pragma unroll
+          for (int o = 1; o < kWarp; o <<= 1) {
+            const int up = __shfl_up_sync(0xffffffffu, incl, o);
+            if (lane >= o) incl += up;
+          }
+          const int e = e0 + i, b = b0 + tt * kWarp + lane;
+          if (e < e_all && b < num_chunks) {
+            chunk_base[static_cast<size_t>(e) * num_chunks + b] = carry[i] + incl - v[i][tt];
+          }
+          carry[i] += __shfl_sync(0xffffffffu, incl, kWarp - 1);
+        }
     }
-    total[e] = run;
+#pragma unroll
+    for (int i = 0; i < kScanExperts; ++i) {
+      if (lane == 0 && e0 + i < e_all) total[e0 + i] = carry[i];
+    }
   }
   __syncthreads();
 
@@ -82,8 +114,6 @@ __global__ void __launch_bounds__(kNotifyThreads)
     const int d = i / e_all, e = i % e_all;
     At<int32_t>(env, d, L.counts)[env.rank * e_all + e] = total[e];
   }
-  __threadfence_system();
-  __syncthreads();
   BlockSignalPeers(env, seq, [&](int d) { return &Signal(env, d)->notify[env.rank]; });
   const bool ok = BlockWaitPeers(env, me->notify, seq, kPhaseDispatchNotify);
   if (!ok) {
@@ -94,11 +124,14 @@ __global__ void __launch_bounds__(kNotifyThreads)
 
   const int32_t* matrix = At<int32_t>(env, env.rank, L.counts);
   for (int e = threadIdx.x; e < e_all; e += blockDim.x) {
+    int counts[kMaxRanks];
+#pragma unroll
+    for (int s = 0; s < kMaxRanks; ++s) counts[s] = s < env.num_ranks ? __ldcg(&matrix[s * e_all + e]) : 0;
     int tot = 0, low = 0;
-    for (int s = 0; s < env.num_ranks; ++s) {
-      const int c = __ldcg(&matrix[s * e_all + e]);
-      tot += c;
-      if (s < env.rank) low += c;
+#pragma unroll
+    for (int s = 0; s < kMaxRanks; ++s) {
+      tot += counts[s];
+      if (s < env.rank) low += counts[s];
     }
     total[e] = tot;
     below[e] = low;

@@ -12,8 +12,6 @@ __global__ void __launch_bounds__(kWarp) BarrierKernel(CommEnv env) {
   __syncthreads();
   const unsigned long long seq = seq_shared;
   if (Poisoned(env)) return;
-  __threadfence_system();
-  __syncthreads();
   BlockSignalPeers(env, seq, [&](int d) { return &Signal(env, d)->notify[env.rank]; });
   BlockWaitPeers(env, me->notify, seq, kPhaseBarrier);
 }

@@ -3,11 +3,11 @@
 #include <cuda_runtime.h>
 #include <nanobind/stl/string.h>
 
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
-#include <sstream>
 #include <stdexcept>
 #include <utility>
 #include <vector>
@@ -23,12 +23,12 @@ namespace {
 std::mutex registry_mutex;
 std::map<std::pair<int64_t, int>, std::unique_ptr<Context>> registry;
 
+// No iostreams here: the module may be loaded next to another libstdc++ (the host process's),
+// and a locale-dependent stream is where such a mismatch crashes.
 void Check(cudaError_t err, const char* what) {
   if (err != cudaSuccess) {
-    std::ostringstream os;
-    os << "jax_ep: " << what << " failed: " << cudaGetErrorName(err) << " ("
-       << cudaGetErrorString(err) << ")";
-    throw std::runtime_error(os.str());
+    throw std::runtime_error(std::string("jax_ep: ") + what + " failed: " +
+                             cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
   }
 }
 
@@ -49,9 +49,8 @@ Context& Get(int64_t group_id, int device) {
   std::lock_guard<std::mutex> lock(registry_mutex);
   auto it = registry.find({group_id, device});
   if (it == registry.end()) {
-    std::ostringstream os;
-    os << "jax_ep: no communication state for group " << group_id << " on device " << device;
-    throw std::runtime_error(os.str());
+    throw std::runtime_error("jax_ep: no communication state for group " +
+                             std::to_string(group_id) + " on device " + std::to_string(device));
   }
   return *it->second;
 }
@@ -218,13 +217,15 @@ Context* FindContext(int64_t group_id, int device) {
 std::string ErrorMessage(const Context& ctx) {
   const volatile ErrorRecord* rec = ctx.error_host;
   if (!rec || rec->code == 0) return "";
-  std::ostringstream os;
-  os << "jax_ep: rank " << rec->rank << " timed out after " << ctx.timeout_ns / 1e9
-     << " s waiting for rank " << rec->peer << " in " << PhaseName(rec->phase) << " (call "
-     << rec->seq << " of EP group " << ctx.group_id
-     << "); the group is unusable now. Every rank must make the same sequence of jax_ep calls; "
-        "a process that died or diverged causes this.";
-  return os.str();
+  char text[512];
+  std::snprintf(text, sizeof(text),
+                "jax_ep: rank %d timed out after %.1f s waiting for rank %d in %s (call %llu of "
+                "EP group %lld); the group is unusable now. Every rank must make the same "
+                "sequence of jax_ep calls; a process that died or diverged causes this.",
+                static_cast<int>(rec->rank), ctx.timeout_ns / 1e9, static_cast<int>(rec->peer),
+                PhaseName(rec->phase), static_cast<unsigned long long>(rec->seq),
+                static_cast<long long>(ctx.group_id));
+  return text;
 }
 
 void BindGroupState(nb::module_& m) {

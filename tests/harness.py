@@ -27,7 +27,7 @@ def per_rank(mesh: Mesh, fn):
     spec = P(tuple(mesh.axis_names))
 
     def body(*args):
-        out = fn(*[a[0] for a in args])
+        out = fn(*jax.tree.map(lambda a: a[0], args))
         return jax.tree.map(lambda o: o[None], out)
 
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec))

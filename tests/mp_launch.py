@@ -32,7 +32,7 @@ def launch(module: str, world: int, args: list[str], timeout_s: float = 600,
     env.pop("XLA_FLAGS", None)  # no emulated CPU devices in the workers
     procs = []
     for rank in range(world):
-        cmd = [sys.executable, "-m", module, "--rank", str(rank), "--world", str(world),
+        cmd = [sys.executable, "-X", "faulthandler", "-m", module, "--rank", str(rank), "--world", str(world),
                "--port", str(port), *args]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))

@@ -23,12 +23,21 @@ def main() -> int:
     import numpy as np
     from jax.sharding import Mesh
 
-    from tests import cuda_checks
-
     mesh = Mesh(np.array(jax.devices()), ("expert",))
     assert mesh.devices.size == args.world, jax.devices()
-    if args.mode == "timeout":
-        return timeout_mode(args, mesh)
+    code = timeout_mode(args, mesh) if args.mode == "timeout" else cases_mode(args, mesh)
+    # Leave together: a rank that exits while another still talks to the coordination service
+    # (hosted by rank 0) makes the survivors abort.
+    from jax._src import distributed
+
+    distributed.global_state.client.wait_at_barrier(f"jax_ep_test_end_{args.mode}", 120_000)
+    jax.distributed.shutdown()
+    return code
+
+
+def cases_mode(args, mesh) -> int:
+    from tests import cuda_checks
+
     for case in cuda_checks.CASES:
         t0 = time.perf_counter()
         cuda_checks.check_case(mesh, case, seed=args.world)
@@ -50,6 +59,7 @@ def timeout_mode(args, mesh) -> int:
     client = distributed.global_state.client
     case = cuda_checks.Case("timeout", 8, 2, 2, 64, "float32")
     group = cuda_checks.make_group(mesh, case, timeout_s=3.0)
+    print(f"rank {args.rank}: group created", flush=True)
     if args.rank != 0:
         client.blocking_key_value_get("jax_ep_test/timeout_done", 60_000)
         return 0
@@ -57,7 +67,9 @@ def timeout_mode(args, mesh) -> int:
     run = cuda_checks.harness.per_rank(mesh, lambda a, b, c: jax_ep.dispatch(group, a, b, c).x)
     inputs = [cuda_checks.to_global(a, mesh) for a in (x, idx, w)]
     t0 = time.perf_counter()
-    jax.block_until_ready(run(*inputs))
+    out = run(*inputs)
+    print("rank 0: dispatch enqueued", flush=True)
+    jax.block_until_ready(out)
     waited = time.perf_counter() - t0
     ok = True
     try:

@@ -1,0 +1,271 @@
+"""Dispatch / combine benchmarks: jax_ep's cuda backend against the XLA pipelines a JAX user has
+today and against a device-to-device copy of the same bytes, measured in the same run.
+
+    python bench/bench_ep.py --out bench/out                # world size 1, all shapes
+    python bench/bench_ep.py --world 8 --out bench/out      # 8 processes sharing the GPU
+
+Prints a table; writes results.json and a PNG plot under --out. Times are medians over trials of
+`reps` back-to-back calls with rotating inputs (4 input sets, each larger than L2) divided by
+`reps`, so launch overhead overlaps with device time; the decode shape is also timed as
+`rounds` unrolled dispatch+combine rounds in one jitted program, which XLA runs as one command
+buffer (CUDA graph), per round.
+
+Bytes that must move (inputs read once, outputs written once): dispatch T*H + C*H elements,
+combine C*H + T*H elements (weights and indices are under 0.1% at these shapes and not counted).
+The copy ceiling is `a + 1` over an array of half that byte count (it reads and writes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {
+    # name: (T tokens per rank, H, k, E)
+    "deepseek_v3": (4096, 7168, 8, 256),
+    "mixtral": (8192, 4096, 2, 8),
+    "decode": (128, 7168, 8, 256),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--out", default="bench/out")
+    p.add_argument("--num-sms", default="24,132", help="SM budgets to run the cuda backend at")
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--trials", type=int, default=7)
+    p.add_argument("--rounds", type=int, default=50, help="unrolled rounds for the graph timing")
+    p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--tokens", type=int, default=0, help="override T (tokens per rank)")
+    p.add_argument("--world", type=int, default=1, help="processes sharing the GPU")
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--port", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def timed(fn, input_sets, reps: int, trials: int) -> float:
+    """Median over trials of (time of `reps` back-to-back calls) / reps, in seconds."""
+    import jax
+
+    jax.block_until_ready(fn(*input_sets[0]))  # compile and warm up
+    jax.block_until_ready(fn(*input_sets[1 % len(input_sets)]))
+    samples = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        outs = [fn(*input_sets[i % len(input_sets)]) for i in range(reps)]
+        jax.block_until_ready(outs)
+        samples.append((time.perf_counter() - t0) / reps)
+        del outs
+    return statistics.median(samples)
+
+
+def make_inputs(rng, world, t, h, k, e, sets=4):
+    import numpy as np
+    import ml_dtypes
+
+    out = []
+    for _ in range(sets):
+        logits = rng.normal(size=(world, t, e)).astype(np.float32)
+        idx = np.argsort(-logits, axis=-1)[..., :k].astype(np.int32)
+        w = rng.random((world, t, k)).astype(np.float32)
+        x = rng.normal(size=(world, t, h)).astype(ml_dtypes.bfloat16)
+        out.append((x, idx, w))
+    return out
+
+
+def bench_shape(name, args, mesh, results, to_global, world):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import jax_ep
+    from tests import harness
+
+    t, h, k, e = SHAPES[name]
+    t = args.tokens or t
+    rng = np.random.default_rng(0)
+    host_sets = make_inputs(rng, world, t, h, k, e)
+    sets = [tuple(to_global(a) for a in s) for s in host_sets]
+    c = world * t * k
+    itemsize = 2
+    bytes_dispatch = (t * h + c * h) * itemsize
+    bytes_combine = (c * h + t * h) * itemsize
+    row = dict(shape=name, T=t, H=h, k=k, E=e, world=world, C=c,
+               bytes_dispatch=bytes_dispatch, bytes_combine=bytes_combine)
+
+    if world == 1:
+        for op, nbytes in (("dispatch", bytes_dispatch), ("combine", bytes_combine)):
+            n = nbytes // 2 // itemsize
+            bufs = [(jax.random.normal(jax.random.key(i), (n,), jnp.bfloat16),)
+                    for i in range(4)]
+            row[f"copy_{op}_s"] = timed(jax.jit(lambda a: a + 1), bufs, args.reps, args.trials)
+            del bufs
+
+    def ep_programs(group):
+        dispatch = harness.per_rank(mesh, lambda x, i, w: (
+            lambda d: (d.x, d.weights, d.handle))(jax_ep.dispatch(group, x, i, w)))
+        combine = harness.per_rank(
+            mesh, lambda rows, rw, hd: jax_ep.combine(group, rows, hd, weights=rw))
+        return dispatch, combine
+
+    budgets = [int(s) for s in args.num_sms.split(",") if s]
+    backends = [("cuda", b) for b in budgets]
+    if not args.skip_reference and world == 1:
+        backends.append(("reference", None))
+    for backend, sms in backends:
+        cfg = jax_ep.EPConfig(num_experts=e, top_k=k, max_tokens=t, hidden_size=h,
+                              num_sms=sms or 24)
+        group = jax_ep.EPGroup(mesh, "expert", cfg, backend=backend)
+        dispatch, combine = ep_programs(group)
+        key = backend if sms is None else f"{backend}_sms{sms}"
+        row[f"{key}_dispatch_s"] = timed(dispatch, sets, args.reps, args.trials)
+        dispatched = [dispatch(*s) for s in sets]
+        row[f"{key}_combine_s"] = timed(combine, dispatched, args.reps, args.trials)
+        del dispatched
+        if name == "decode" and backend == "cuda":
+            row[f"{key}_graph_round_s"] = graph_round_time(group, mesh, host_sets, to_global,
+                                                           args)
+        group.close()
+
+    if world == 1:
+        row.update(xla_baselines(sets, t, h, k, e, args))
+    results.append(row)
+    return row
+
+
+def graph_round_time(group, mesh, host_sets, to_global, args) -> float:
+    """dispatch + combine per round, `rounds` rounds unrolled in one program (command buffer)."""
+    import jax
+    import numpy as np
+
+    import jax_ep
+    from tests import harness
+
+    r = args.rounds
+    x = to_global(host_sets[0][0])
+    idx = to_global(np.stack([host_sets[i % 4][1] for i in range(r)], axis=1))
+    w = to_global(np.stack([host_sets[i % 4][2] for i in range(r)], axis=1))
+
+    def body(x0, idx_r, w_r):
+        def step(y, inputs):
+            i, wt = inputs
+            d = jax_ep.dispatch(group, y, i, wt)
+            return jax_ep.combine(group, d.x, d.handle, weights=d.weights), None
+        return jax.lax.scan(step, x0, (idx_r, w_r), unroll=r)[0]
+
+    program = harness.per_rank(mesh, body)
+    return timed(program, [(x, idx, w)], 1, args.trials) / r
+
+
+def xla_baselines(sets, t, h, k, e, args) -> dict:
+    """MaxText-style sort-based permute / weighted unpermute (world size 1)."""
+    import jax
+    import jax.numpy as jnp
+
+    def permute(x, idx, w):
+        x, idx, w = x[0], idx[0], w[0]
+        flat = idx.reshape(-1)
+        order = jnp.argsort(flat, stable=True)
+        rows = x[order // k]
+        group_sizes = jnp.bincount(flat, length=e)
+        return rows, w.reshape(-1)[order], group_sizes, order
+
+    def unpermute(rows, row_w, order):
+        unsort = jnp.argsort(order)
+        y = rows[unsort].reshape(t, k, h).astype(jnp.float32)
+        wt = row_w[unsort].reshape(t, k)
+        return jnp.einsum("tkh,tk->th", y, wt).astype(rows.dtype)
+
+    permute_j, unpermute_j = jax.jit(permute), jax.jit(unpermute)
+    out = {"xla_permute_s": timed(permute_j, sets, args.reps, args.trials)}
+    permuted = [permute_j(*s) for s in sets]
+    out["xla_unpermute_s"] = timed(unpermute_j, [(p[0], p[1], p[3]) for p in permuted],
+                                   args.reps, args.trials)
+    return out
+
+
+def print_table(results):
+    print(f"\n{'shape':12s} {'op':9s} {'impl':22s} {'time us':>10s} {'GB/s':>8s} {'x copy':>7s}")
+    for row in results:
+        for op in ("dispatch", "combine"):
+            nbytes = row[f"bytes_{op}"]
+            copy = row.get(f"copy_{op}_s")
+            impls = sorted(k[: -len(f"_{op}_s")] for k in row if k.endswith(f"_{op}_s"))
+            if op == "dispatch" and "xla_permute_s" in row:
+                impls.append("xla_permute")
+            if op == "combine" and "xla_unpermute_s" in row:
+                impls.append("xla_unpermute")
+            for impl in impls:
+                s = row.get(f"{impl}_{op}_s", row.get(f"{impl}_s"))
+                ratio = f"{s / copy:7.2f}" if copy else "      -"
+                print(f"{row['shape']:12s} {op:9s} {impl:22s} {s * 1e6:10.1f} "
+                      f"{nbytes / s / 1e9:8.0f} {ratio}")
+        for key in [k for k in row if k.endswith("_graph_round_s")]:
+            print(f"{row['shape']:12s} {'d+c round':9s} {key[:-14]:22s} {row[key] * 1e6:10.1f}")
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, op in zip(axes, ("dispatch", "combine")):
+        labels, values = [], []
+        for row in results:
+            impls = {k[: -len(f"_{op}_s")]: v for k, v in row.items() if k.endswith(f"_{op}_s")}
+            base = row.get("xla_permute_s" if op == "dispatch" else "xla_unpermute_s")
+            if base:
+                impls["xla"] = base
+            for impl, s in sorted(impls.items()):
+                labels.append(f"{row['shape']}\n{impl}")
+                values.append(row[f"bytes_{op}"] / s / 1e9)
+        ax.barh(range(len(values)), values)
+        ax.set_yticks(range(len(values)), labels, fontsize=7)
+        ax.set_xlabel("GB/s (bytes that must move / time)")
+        ax.set_title(op)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import jax
+
+    if args.world > 1:
+        jax.distributed.initialize(f"127.0.0.1:{args.port}", num_processes=args.world,
+                                   process_id=args.rank)
+    import numpy as np
+    from jax.sharding import Mesh
+
+    from tests import cuda_checks
+
+    mesh = Mesh(np.array(jax.devices()[: args.world]), ("expert",))
+    results = []
+    for name in args.shapes.split(","):
+        bench_shape(name, args, mesh, results, lambda a: cuda_checks.to_global(a, mesh),
+                    args.world)
+        print(f"[rank {args.rank}] {name} done", flush=True)
+    if args.rank == 0:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        meta = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__,
+                    date=time.strftime("%Y-%m-%d"), world=args.world)
+        suffix = f"_world{args.world}" if args.world > 1 else ""
+        (out / f"results{suffix}.json").write_text(json.dumps(dict(meta=meta, rows=results),
+                                                              indent=1))
+        print_table(results)
+        plot(results, out / f"bench{suffix}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

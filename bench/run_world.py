@@ -1,0 +1,47 @@
+"""Runs bench/bench_ep.py as N processes sharing the GPU (jax.distributed on 127.0.0.1).
+
+    python bench/run_world.py 8 --shapes decode --out bench/out
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests import mp_launch  # noqa: E402
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+
+
+def start_mps() -> dict:
+    """An MPS daemon with its pipe and log folders under /tmp, so the ranks' kernels run side
+    by side instead of time-slicing the GPU."""
+    env = {"CUDA_MPS_PIPE_DIRECTORY": "/tmp/jax_ep_mps/pipe",
+           "CUDA_MPS_LOG_DIRECTORY": "/tmp/jax_ep_mps/log"}
+    for d in env.values():
+        os.makedirs(d, exist_ok=True)
+    os.environ.update(env)
+    subprocess.run(["nvidia-cuda-mps-control", "-d"], check=True)
+    return env
+
+
+def stop_mps() -> None:
+    subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True)
+
+
+if __name__ == "__main__":
+    world = int(sys.argv[1])
+    args = sys.argv[2:]
+    mps = "--mps" in args
+    if mps:
+        args.remove("--mps")
+        start_mps()
+    try:
+        results = mp_launch.launch("bench.bench_ep", world, args, timeout_s=540)
+    finally:
+        if mps:
+            stop_mps()
+    for rank, (code, out) in enumerate(results):
+        if code != 0 or rank == 0:
+            print(f"--- rank {rank} exit {code}\n{out[-6000:]}")
+    sys.exit(max(abs(c) for c, _ in results))

@@ -32,16 +32,16 @@ for s in "$@"; do
       if ls jax_ep/_jax_ep*.so >/dev/null 2>&1; then
         echo "== build: using the carried extension $(ls jax_ep/_jax_ep*.so)"
       else
-        stage build 400 bash -c 'CUDAARCHS=${CUDAARCHS:-90} JAX_EP_CUDA=ON python3 -m pip install \
+        stage build 300 bash -c 'CUDAARCHS=${CUDAARCHS:-90} JAX_EP_CUDA=ON python3 -m pip install \
           --no-build-isolation --no-deps -v . && cp "$(python3 -c "import jax_ep._jax_ep as m; \
           print(m.__file__)")" jax_ep/ && cp jax_ep/_jax_ep*.so "$OUT/"'
         grep -E "registers|spill" "$OUT/build.log" | sort | uniq | head -30 > "$OUT/ptxas.txt"
       fi ;;
-    one_gpu) stage one_gpu 240 python3 -m pytest -m gpu -v -rA -k "not processes and not never_arrives" tests ;;
+    one_gpu) stage one_gpu 180 python3 -m pytest -m gpu -v -rA -k "not processes and not never_arrives" tests ;;
     mp) stage mp 420 python3 -m pytest -m gpu -v -rA -k "processes or never_arrives" tests ;;
     pytest:*) stage pytest 400 python3 -m pytest -m gpu -v -rA -k "${s#pytest:}" tests ;;
-    bench1) stage bench1 300 python3 bench/bench_ep.py --out "$OUT" ${BENCH_ARGS:-} ;;
-    bench8) stage bench8 300 python3 bench/run_world.py --world 8 --out "$OUT" ${BENCH_ARGS:-} ;;
+    bench1) stage bench1 200 python3 bench/bench_ep.py --out "$OUT" ${BENCH_ARGS:-} ;;
+    bench8) stage bench8 300 python3 bench/run_world.py 8 --mps --num-sms 8 --out "$OUT" ${BENCH_ARGS:-} ;;
     *) echo "unknown stage $s" ;;
   esac
 done

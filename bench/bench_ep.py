@@ -4,11 +4,12 @@ today and against a device-to-device copy of the same bytes, measured in the sam
     python bench/bench_ep.py --out bench/out                # world size 1, all shapes
     python bench/bench_ep.py --world 8 --out bench/out      # 8 processes sharing the GPU
 
-Prints a table; writes results.json and a PNG plot under --out. Times are medians over trials of
-`reps` back-to-back calls with rotating inputs (4 input sets, each larger than L2) divided by
-`reps`, so launch overhead overlaps with device time; the decode shape is also timed as
-`rounds` unrolled dispatch+combine rounds in one jitted program, which XLA runs as one command
-buffer (CUDA graph), per round.
+Prints a table; writes results.json, results.md (the table with device, driver, jax version and
+date, for bench/RESULTS.md) and a PNG plot under --out. Each time is per call, from one jitted
+program of `reps` calls on distinct input sets (so XLA can merge none and inputs come from HBM),
+median over `trials` runs, divided by `reps` (see `timed`); the decode shape is also timed as
+`rounds` dependent dispatch+combine rounds unrolled in one program, which XLA runs as one
+command buffer (CUDA graph), per round.
 
 Bytes that must move (inputs read once, outputs written once): dispatch T*H + C*H elements,
 combine C*H + T*H elements (weights and indices are under 0.1% at these shapes and not counted).
@@ -38,7 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--out", default="bench/out")
     p.add_argument("--num-sms", default="24,132", help="SM budgets to run the cuda backend at")
-    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--reps", type=int, default=10)
     p.add_argument("--trials", type=int, default=7)
     p.add_argument("--rounds", type=int, default=50, help="unrolled rounds for the graph timing")
     p.add_argument("--skip-reference", action="store_true")
@@ -50,18 +51,47 @@ def parse_args(argv=None):
 
 
 def timed(fn, input_sets, reps: int, trials: int) -> float:
-    """Median over trials of (time of `reps` back-to-back calls) / reps, in seconds."""
+    """Per-call seconds of `fn` run as one program: `reps` calls, each on its own input set
+    (distinct sets, so XLA cannot merge equal calls and each set is read from HBM, not L2), in
+    one jitted program that returns every output. One launch is amortised over `reps` calls and
+    XLA may run the program as one command buffer (CUDA graph), so this measures device time
+    plus the gaps between kernels. Median over `trials` runs of the program, divided by `reps`."""
     import jax
 
-    jax.block_until_ready(fn(*input_sets[0]))  # compile and warm up
-    jax.block_until_ready(fn(*input_sets[1 % len(input_sets)]))
+    reps = min(reps, len(input_sets))
+    program = jax.jit(lambda *sets: [fn(*s) for s in sets])
+    chosen = input_sets[:reps]
+    jax.block_until_ready(program(*chosen))  # compile and warm up
     samples = []
     for _ in range(trials):
         t0 = time.perf_counter()
-        outs = [fn(*input_sets[i % len(input_sets)]) for i in range(reps)]
-        jax.block_until_ready(outs)
+        jax.block_until_ready(program(*chosen))
         samples.append((time.perf_counter() - t0) / reps)
-        del outs
+    return statistics.median(samples)
+
+
+def copy_time(nbytes: int, reps: int, trials: int) -> float:
+    """Per-copy seconds of a device-to-device copy moving `nbytes` (read + write): a chain of
+    `reps` elementwise passes over an array of nbytes / 2, each materialised
+    (optimization_barrier keeps XLA from fusing the chain into one pass)."""
+    import jax
+    import jax.numpy as jnp
+
+    n = nbytes // 2 // 2  # bf16 elements read (and as many written) per pass
+
+    def chain(a):
+        for _ in range(reps):
+            a = jax.lax.optimization_barrier(a + jnp.ones((), a.dtype))
+        return a
+
+    program = jax.jit(chain)
+    a = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
+    jax.block_until_ready(program(a))
+    samples = []
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        jax.block_until_ready(program(a))
+        samples.append((time.perf_counter() - t0) / reps)
     return statistics.median(samples)
 
 
@@ -90,7 +120,7 @@ def bench_shape(name, args, mesh, results, to_global, world):
     t, h, k, e = SHAPES[name]
     t = args.tokens or t
     rng = np.random.default_rng(0)
-    host_sets = make_inputs(rng, world, t, h, k, e)
+    host_sets = make_inputs(rng, world, t, h, k, e, sets=args.reps)
     sets = [tuple(to_global(a) for a in s) for s in host_sets]
     c = world * t * k
     itemsize = 2
@@ -101,11 +131,7 @@ def bench_shape(name, args, mesh, results, to_global, world):
 
     if world == 1:
         for op, nbytes in (("dispatch", bytes_dispatch), ("combine", bytes_combine)):
-            n = nbytes // 2 // itemsize
-            bufs = [(jax.random.normal(jax.random.key(i), (n,), jnp.bfloat16),)
-                    for i in range(4)]
-            row[f"copy_{op}_s"] = timed(jax.jit(lambda a: a + 1), bufs, args.reps, args.trials)
-            del bufs
+            row[f"copy_{op}_s"] = copy_time(nbytes, args.reps, args.trials)
 
     def ep_programs(group):
         dispatch = harness.per_rank(mesh, lambda x, i, w: (
@@ -190,8 +216,9 @@ def xla_baselines(sets, t, h, k, e, args) -> dict:
     return out
 
 
-def print_table(results):
-    print(f"\n{'shape':12s} {'op':9s} {'impl':22s} {'time us':>10s} {'GB/s':>8s} {'x copy':>7s}")
+def table_lines(results) -> list[str]:
+    lines = [f"{'shape':12s} {'op':9s} {'impl':22s} {'time us':>10s} {'GB/s':>8s} {'x copy':>7s}"]
+    print = lines.append  # noqa: A001 - the table is built line by line
     for row in results:
         for op in ("dispatch", "combine"):
             nbytes = row[f"bytes_{op}"]
@@ -208,6 +235,7 @@ def print_table(results):
                       f"{nbytes / s / 1e9:8.0f} {ratio}")
         for key in [k for k in row if k.endswith("_graph_round_s")]:
             print(f"{row['shape']:12s} {'d+c round':9s} {key[:-14]:22s} {row[key] * 1e6:10.1f}")
+    return lines
 
 
 def plot(results, path):
@@ -262,7 +290,14 @@ def main(argv=None) -> int:
         suffix = f"_world{args.world}" if args.world > 1 else ""
         (out / f"results{suffix}.json").write_text(json.dumps(dict(meta=meta, rows=results),
                                                               indent=1))
-        print_table(results)
+        lines = table_lines(results)
+        print("\n" + "\n".join(lines))
+        driver = os.popen("nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null").read()
+        (out / f"results{suffix}.md").write_text(
+            f"### {meta['device']}, world {args.world}, jax {meta['jax']}, driver "
+            f"{driver.strip() or '?'}, {meta['date']}\n\n"
+            f"`python bench/bench_ep.py {' '.join(sys.argv[1:])}`\n\n```\n"
+            + "\n".join(lines) + "\n```\n")
         plot(results, out / f"bench{suffix}.png")
     return 0
 

@@ -8,22 +8,23 @@
 # bench1 / bench8 (bench/bench_ep.py at world size 1 / 8 processes), pytest:EXPR (pytest -m gpu -k EXPR).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+LOGS="$OUT/logs"
+mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 {
   date -u
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
   python3 -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
-} 2>&1 | tee -a "$OUT/env.txt"
+} 2>&1 | tee -a "$LOGS/env.txt"
 
 stage() {  # stage NAME LIMIT_S CMD...
   local name=$1 limit=$2; shift 2
   local t0=$(date +%s)
-  timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  timeout -k 10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
   echo "== $name: rc=$rc in $(( $(date +%s) - t0 )) s"
-  grep -E "passed|failed|error|Error|FAILED|ok \(|timed out|^shape|^[a-z_0-9]+ +(dispatch|combine|d\+c)" "$OUT/$name.log" | tail -40
+  grep -E "passed|failed|error|Error|FAILED|ok \(|timed out|^shape|^[a-z_0-9]+ +(dispatch|combine|d\+c)" "$LOGS/$name.log" | tail -40
 }
 
 for s in "$@"; do
@@ -32,16 +33,32 @@ for s in "$@"; do
       if ls jax_ep/_jax_ep*.so >/dev/null 2>&1; then
         echo "== build: using the carried extension $(ls jax_ep/_jax_ep*.so)"
       else
-        stage build 300 bash -c 'CUDAARCHS=${CUDAARCHS:-90} JAX_EP_CUDA=ON python3 -m pip install \
-          --no-build-isolation --no-deps -v . && cp "$(python3 -c "import jax_ep._jax_ep as m; \
-          print(m.__file__)")" jax_ep/ && cp jax_ep/_jax_ep*.so "$OUT/"'
-        grep -E "registers|spill" "$OUT/build.log" | sort | uniq | head -30 > "$OUT/ptxas.txt"
+        stage build 300 bash -c 'CUDAARCHS=${CUDAARCHS:-90} JAX_EP_CUDA=ON python3 -m pip wheel \
+          --no-build-isolation --no-deps -v -w /tmp/jax_ep_wheel . && python3 -m zipfile -e \
+          /tmp/jax_ep_wheel/jax_ep-*.whl /tmp/jax_ep_unzipped && cp /tmp/jax_ep_unzipped/jax_ep/_jax_ep*.so \
+          jax_ep/ && cp jax_ep/_jax_ep*.so "$OUT/"'
+        grep -E "registers|spill" "$LOGS/build.log" | sort | uniq | head -30 > "$LOGS/ptxas.txt"
       fi ;;
     one_gpu) stage one_gpu 180 python3 -m pytest -m gpu -v -rA -k "not processes and not never_arrives" tests ;;
-    mp) stage mp 420 python3 -m pytest -m gpu -v -rA -k "processes or never_arrives" tests ;;
+    mp|mp_mps)  # N = 2, 4, 8 processes sharing the GPU (time-sliced, or side by side under MPS)
+      if [ "$s" = mp_mps ]; then
+        export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
+        mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY && nvidia-cuda-mps-control -d
+      fi
+      stage "$s" ${MP_LIMIT:-400} python3 -m pytest -m gpu -v -rA --durations=10 -k "processes or never_arrives" tests
+      if [ "$s" = mp_mps ]; then echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; fi ;;
     pytest:*) stage pytest 400 python3 -m pytest -m gpu -v -rA -k "${s#pytest:}" tests ;;
-    bench1) stage bench1 200 python3 bench/bench_ep.py --out "$OUT" ${BENCH_ARGS:-} ;;
-    bench8) stage bench8 300 python3 bench/run_world.py 8 --mps --num-sms 8 --out "$OUT" ${BENCH_ARGS:-} ;;
+    bench1) stage bench1 200 python3 bench/bench_ep.py --out "$LOGS" ${BENCH_ARGS:-} ;;
+    bench8) stage bench8 300 python3 bench/run_world.py 8 --mps --num-sms 8 --out "$LOGS" ${BENCH_ARGS:-} ;;
+    ncu)  # per-kernel device time and DRAM bytes of one dispatch + combine per shape
+      for shape in ${NCU_SHAPES:-decode mixtral deepseek_v3}; do
+        stage "ncu_$shape" 150 ncu --clock-control none --profile-from-start off --csv \
+          --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+          python3 bench/profile_ops.py --shape "$shape" --calls 1 --num-sms ${NCU_SMS:-132}
+        grep -E '"(gpu__time|dram__bytes)' "$LOGS/ncu_$shape.log" | awk -F'","' '{print $5" | "$(NF-2)" | "$(NF-1)" "$NF}' | cut -c1-160 | tail -40
+      done ;;
     *) echo "unknown stage $s" ;;
   esac
 done
+cp "$LOGS"/results*.md "$OUT"/ 2>/dev/null
+tar czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$LOGS"

@@ -47,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--world", type=int, default=1, help="processes sharing the GPU")
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--tag", default="", help="suffix of the output files")
     return p.parse_args(argv)
 
 
@@ -287,7 +288,7 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         meta = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__,
                     date=time.strftime("%Y-%m-%d"), world=args.world)
-        suffix = f"_world{args.world}" if args.world > 1 else ""
+        suffix = (f"_world{args.world}" if args.world > 1 else "") + args.tag
         (out / f"results{suffix}.json").write_text(json.dumps(dict(meta=meta, rows=results),
                                                               indent=1))
         lines = table_lines(results)

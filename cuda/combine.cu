@@ -128,7 +128,6 @@ struct Vec16<__half> {
 // the group before it accumulates: kGroup * kPerLane loads in flight per lane.
 constexpr int kGroup = 4;
 constexpr int kPerLane = 2;
-constexpr int kReduceSegVecs = kPerLane * kWarp;
 constexpr int kReduceThreads = 768;  // 85 registers a thread: the loads above without spills
 
 template <typename T>
@@ -141,8 +140,8 @@ __global__ void __launch_bounds__(kReduceThreads) ReduceKernel(CombineParams p) 
   const int lane = Lane();
   const int k = p.shape.top_k;
   const int vecs = static_cast<int>(p.shape.row_bytes / 16);
-  const int segments = p.out ? (vecs + kReduceSegVecs - 1) / kReduceSegVecs : 1;
-  const int pieces = PiecesPerToken(p.shape.tokens, segments);
+  const int units = p.out ? (vecs + kWarp - 1) / kWarp : 1;  // 32-vector units of a row
+  const int pieces = PiecesPerToken(p.shape.tokens, units);
   const int4* staging = At<int4>(env, env.rank, L.staging);
   const float* staged_scale = At<float>(env, env.rank, L.row_f32);
   const float* staged_values = At<float>(env, env.rank, L.slot_f32);
@@ -173,8 +172,11 @@ __global__ void __launch_bounds__(kReduceThreads) ReduceKernel(CombineParams p) 
     const unsigned delivered = __ballot_sync(0xffffffffu, src != nullptr);
     const unsigned remote_mask = __ballot_sync(0xffffffffu, remote);
     int4* dst = p.out + static_cast<long long>(t) * vecs;
-    for (int seg = piece * segments / pieces; seg < (piece + 1) * segments / pieces; ++seg) {
-      const int v0 = seg * kReduceSegVecs + lane;
+    const int unit_end = (piece + 1) * units / pieces;
+    for (int u0 = piece * units / pieces; u0 < unit_end; u0 += kPerLane) {
+      const int v0 = u0 * kWarp + lane;
+      // Vectors of the row past this piece's end (or the row's) are not this warp's.
+      const int v_end = min(unit_end * kWarp, vecs);
       float acc[kPerLane][V::kN];
 #pragma unroll
       for (int u = 0; u < kPerLane; ++u)
@@ -196,7 +198,7 @@ __global__ void __launch_bounds__(kReduceThreads) ReduceKernel(CombineParams p) 
 #pragma unroll
             for (int u = 0; u < kPerLane; ++u) {
               const int v = v0 + u * kWarp;
-              if (v < vecs) loaded[g][u] = staged ? __ldcg(s + v) : s[v];
+              if (v < v_end) loaded[g][u] = staged ? __ldcg(s + v) : s[v];
             }
             n = g + 1;
           }
@@ -207,7 +209,7 @@ __global__ void __launch_bounds__(kReduceThreads) ReduceKernel(CombineParams p) 
           if (g < n) {
 #pragma unroll
             for (int u = 0; u < kPerLane; ++u) {
-              if (v0 + u * kWarp < vecs) {
+              if (v0 + u * kWarp < v_end) {
                 float x[V::kN];
                 V::Load(loaded[g][u], x);
 #pragma unroll
@@ -220,7 +222,7 @@ __global__ void __launch_bounds__(kReduceThreads) ReduceKernel(CombineParams p) 
 #pragma unroll
       for (int u = 0; u < kPerLane; ++u) {
         const int v = v0 + u * kWarp;
-        if (v < vecs) dst[v] = V::Store(acc[u]);
+        if (v < v_end) dst[v] = V::Store(acc[u]);
       }
     }
   }

@@ -129,17 +129,21 @@ __device__ inline bool LastBlockDone(unsigned int* counter) {
 }
 
 // Copies one row of `vecs` 16-byte vectors with the lanes of a warp, 4 loads in flight per lane.
+// kFromPeer: the source was written by another rank (or another kernel's peer), so loads go
+// through L2 (ld.global.cg) and never hit a stale L1 line.
+template <bool kFromPeer = false>
 __device__ __forceinline__ void WarpCopyRow(int4* __restrict__ dst, const int4* __restrict__ src,
                                             int vecs, int lane) {
+  auto load = [src](int v) { return kFromPeer ? __ldcg(src + v) : src[v]; };
   int v = lane;
   for (; v + 3 * kWarp < vecs; v += 4 * kWarp) {
-    const int4 a = src[v], b = src[v + kWarp], c = src[v + 2 * kWarp], d = src[v + 3 * kWarp];
+    const int4 a = load(v), b = load(v + kWarp), c = load(v + 2 * kWarp), d = load(v + 3 * kWarp);
     dst[v] = a;
     dst[v + kWarp] = b;
     dst[v + 2 * kWarp] = c;
     dst[v + 3 * kWarp] = d;
   }
-  for (; v < vecs; v += kWarp) dst[v] = src[v];
+  for (; v < vecs; v += kWarp) dst[v] = load(v);
 }
 
 __device__ __forceinline__ void WarpZeroRow(int4* __restrict__ dst, int vecs, int lane) {
@@ -149,12 +153,12 @@ __device__ __forceinline__ void WarpZeroRow(int4* __restrict__ dst, int vecs, in
 
 // Work is handed out per (token, piece of its row). A token's routing costs a few dependent
 // loads, so a piece should be long; but with few tokens the pieces must be many to keep every
-// warp busy. PiecesPerToken splits rows of `segments` segments so there are about two pieces
-// per warp of the grid.
-__device__ __forceinline__ int PiecesPerToken(int tokens, int segments) {
+// warp busy. PiecesPerToken splits rows of `units` 32-vector units (one vector per lane) so
+// there are about two pieces per warp of the grid.
+__device__ __forceinline__ int PiecesPerToken(int tokens, int units) {
   const int warps = gridDim.x * blockDim.x / kWarp;
   const int want = tokens > 0 ? (2 * warps + tokens - 1) / tokens : 1;
-  return want < 1 ? 1 : (want > segments ? segments : want);
+  return want < 1 ? 1 : (want > units ? units : want);
 }
 
 __device__ __forceinline__ int GlobalWarp() { return (blockIdx.x * blockDim.x + threadIdx.x) / kWarp; }

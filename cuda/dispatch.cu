@@ -15,8 +15,7 @@ namespace jax_ep {
 namespace {
 
 constexpr int kThreads = 1024;
-constexpr int kSendPerLane = 8;                  // 16-byte loads in flight per lane
-constexpr int kSegVecs = kSendPerLane * kWarp;   // vectors per segment of a row
+constexpr int kSendPerLane = 8;  // 16-byte loads in flight per lane
 
 struct SendParams {
   CommEnv env;
@@ -29,7 +28,21 @@ struct SendParams {
   int4* out_x;                // [C, H] or null
   float* out_values;          // [C] or null
   int32_t* out_row_src;       // [C], dispatch only
+  const int32_t* num_recv;    // []: rows in use on this rank
 };
+
+// Rows past num_recv are zero, their weight too, and they hold no slot (row_src -1).
+__device__ inline void ZeroTail(const int32_t* num_recv, long long capacity, int vecs,
+                                int4* out_x, float* out_values, int32_t* out_row_src) {
+  const int lane = Lane();
+  for (long long r = *num_recv + GlobalWarp(); r < capacity; r += NumWarps()) {
+    if (out_x) WarpZeroRow(out_x + r * vecs, vecs, lane);
+    if (lane == 0) {
+      if (out_values) out_values[r] = 0.0f;
+      if (out_row_src) out_row_src[r] = -1;
+    }
+  }
+}
 
 struct FinalizeParams {
   CommEnv env;
@@ -50,8 +63,8 @@ __global__ void __launch_bounds__(kThreads) SendKernel(SendParams p) {
   const int k = s.top_k;
   const int slots = s.tokens * k;
   const int vecs = static_cast<int>(s.row_bytes / 16);
-  const int segments = p.x ? (vecs + kSegVecs - 1) / kSegVecs : 1;
-  const int pieces = PiecesPerToken(s.tokens, segments);
+  const int units = p.x ? (vecs + kWarp - 1) / kWarp : 1;  // 32-vector units of a row
+  const int pieces = PiecesPerToken(s.tokens, units);
   const int32_t* dest_base = At<int32_t>(env, env.rank, L.dest_base);
   const int32_t* chunk_base = At<int32_t>(env, env.rank, L.chunk_base);
   const int32_t* local_rank = At<int32_t>(env, env.rank, L.local_rank);
@@ -113,26 +126,31 @@ __global__ void __launch_bounds__(kThreads) SendKernel(SendParams p) {
     // Read each segment once (all its loads in flight), then store it to every target.
     const unsigned targets = __ballot_sync(0xffffffffu, target != nullptr);
     const int4* src = p.x + static_cast<size_t>(t) * vecs;
-    for (int seg = piece * segments / pieces; seg < (piece + 1) * segments / pieces; ++seg) {
-      const int v0 = seg * kSegVecs + lane;
+    const int unit_end = (piece + 1) * units / pieces;
+    for (int u0 = piece * units / pieces; u0 < unit_end; u0 += kSendPerLane) {
       int4 chunk[kSendPerLane];
 #pragma unroll
       for (int u = 0; u < kSendPerLane; ++u) {
-        const int v = v0 + u * kWarp;
-        if (v < vecs) chunk[u] = src[v];
+        const int v = (u0 + u) * kWarp + lane;
+        if (u0 + u < unit_end && v < vecs) chunk[u] = src[v];
       }
       for (unsigned m = targets; m; m &= m - 1) {
         int4* dst = reinterpret_cast<int4*>(
             __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(target), __ffs(m) - 1));
 #pragma unroll
         for (int u = 0; u < kSendPerLane; ++u) {
-          const int v = v0 + u * kWarp;
-          if (v < vecs) dst[v] = chunk[u];
+          const int v = (u0 + u) * kWarp + lane;
+          if (u0 + u < unit_end && v < vecs) dst[v] = chunk[u];
         }
       }
     }
   }
-  if (env.num_ranks > 1 && LastBlockDone(&Signal(env, env.rank)->block_counter[0])) {
+  if (env.num_ranks == 1) {
+    // No peer stages anything, so no finalize pass: rows past num_recv are zeroed here.
+    ZeroTail(p.num_recv, s.capacity, vecs, p.out_x, p.out_values, p.out_row_src);
+    return;
+  }
+  if (LastBlockDone(&Signal(env, env.rank)->block_counter[0])) {
     BlockSignalPeers(env, CurrentSeq(env),
                      [&](int d) { return &Signal(env, d)->data_done[env.rank]; });
   }
@@ -149,7 +167,7 @@ __global__ void __launch_bounds__(kThreads) FinalizeKernel(FinalizeParams p) {
   const long long used = *p.num_recv;
   const long long capacity = p.shape.capacity;
 
-  if (env.num_ranks > 1) {
+  {
     // Rows a peer staged: 32 rows' primaries per warp step, then the warp copies those found.
     const int32_t* primary = At<int32_t>(env, env.rank, L.row_primary);
     const float* staged_values = At<float>(env, env.rank, L.row_f32);
@@ -164,9 +182,8 @@ __global__ void __launch_bounds__(kThreads) FinalizeKernel(FinalizeParams p) {
         const long long r = r0 + j;
         const int src_row = __shfl_sync(0xffffffffu, from, j);
         if (p.out_x) {
-          const int4* src = staging + static_cast<long long>(src_row) * vecs;
-          int4* dst = p.out_x + r * vecs;
-          for (int v = lane; v < vecs; v += kWarp) dst[v] = __ldcg(src + v);
+          WarpCopyRow<true>(p.out_x + r * vecs, staging + static_cast<long long>(src_row) * vecs,
+                            vecs, lane);
         }
         if (lane == j) {
           if (p.out_values) p.out_values[r] = __ldcg(&staged_values[r]);
@@ -175,14 +192,7 @@ __global__ void __launch_bounds__(kThreads) FinalizeKernel(FinalizeParams p) {
       }
     }
   }
-  // Rows past num_recv are zero (their metadata too).
-  for (long long r = used + GlobalWarp(); r < capacity; r += NumWarps()) {
-    if (p.out_x) WarpZeroRow(p.out_x + r * vecs, vecs, lane);
-    if (lane == 0) {
-      if (p.out_values) p.out_values[r] = 0.0f;
-      if constexpr (kDispatch) p.out_row_src[r] = -1;
-    }
-  }
+  ZeroTail(p.num_recv, capacity, vecs, p.out_x, p.out_values, kDispatch ? p.out_row_src : nullptr);
 }
 
 int Blocks(const CallShape& s) { return s.num_blocks > 0 ? s.num_blocks : 1; }
@@ -196,9 +206,11 @@ cudaError_t LaunchDispatch(const DispatchArgs& a, cudaStream_t stream) {
                                           a.num_dropped, a.num_recv, stream);
   if (err != cudaSuccess) return err;
   SendParams sp{a.env, s, static_cast<const int4*>(a.x), a.topk_weights, a.topk_idx,
-                a.dest_rank, a.dest_row, static_cast<int4*>(a.out_x), a.out_weights, a.row_src};
+                a.dest_rank, a.dest_row, static_cast<int4*>(a.out_x), a.out_weights, a.row_src,
+                a.num_recv};
   SendKernel<true><<<Blocks(s), kThreads, 0, stream>>>(sp);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if (a.env.num_ranks == 1) return cudaSuccess;  // the send pass wrote every row
   FinalizeParams fp{a.env, s, a.num_recv, static_cast<int4*>(a.out_x), a.out_weights, a.row_src};
   FinalizeKernel<true><<<Blocks(s), kThreads, 0, stream>>>(fp);
   return cudaGetLastError();
@@ -206,13 +218,15 @@ cudaError_t LaunchDispatch(const DispatchArgs& a, cudaStream_t stream) {
 
 cudaError_t LaunchRedispatch(const RedispatchArgs& a, cudaStream_t stream) {
   const CallShape& s = a.shape;
-  cudaError_t err = LaunchBarrier(a.env, stream);
-  if (err != cudaSuccess) return err;
+  cudaError_t err;
+  // Alone there is no peer whose staging must be free first, and nothing to finalize.
+  if (a.env.num_ranks > 1 && (err = LaunchBarrier(a.env, stream)) != cudaSuccess) return err;
   SendParams sp{a.env, s, static_cast<const int4*>(a.x), a.slot_values, nullptr,
                 const_cast<int32_t*>(a.dest_rank), const_cast<int32_t*>(a.dest_row),
-                static_cast<int4*>(a.out_x), a.out_values, nullptr};
+                static_cast<int4*>(a.out_x), a.out_values, nullptr, a.num_recv};
   SendKernel<false><<<Blocks(s), kThreads, 0, stream>>>(sp);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if (a.env.num_ranks == 1) return cudaSuccess;
   FinalizeParams fp{a.env, s, a.num_recv, static_cast<int4*>(a.out_x), a.out_values, nullptr};
   FinalizeKernel<false><<<Blocks(s), kThreads, 0, stream>>>(fp);
   return cudaGetLastError();

@@ -12,42 +12,60 @@
 
 namespace jax_ep {
 
-__global__ void __launch_bounds__(kLayoutChunk)
-    LayoutChunksKernel(const int32_t* __restrict__ topk_idx, int num_slots, int num_experts,
-                       int32_t* __restrict__ local_rank, int32_t* __restrict__ chunk_hist) {
+// Up to this many chunks (kLayoutChunk slots each), chunk bases are scanned serially per expert.
+constexpr int kSerialScanChunks = 8;
+
+// The layout of one chunk of kLayoutChunk slots, by a group of kLayoutChunk threads (`tid` is
+// the thread's index in the group, its slot in the chunk). warp_counts: the group's shared
+// scratch [kLayoutChunk / 32][E]. Every thread of the block must call this the same number of
+// times: it synchronises the block.
+__device__ inline void ChunkLayout(const int32_t* __restrict__ topk_idx, int num_slots, int e_all,
+                                   int chunk, int num_chunks, int tid,
+                                   int32_t* __restrict__ warp_counts,
+                                   int32_t* __restrict__ local_rank,
+                                   int32_t* __restrict__ chunk_hist) {
   constexpr int kWarps = kLayoutChunk / kWarp;
-  extern __shared__ int32_t warp_counts[];  // [kWarps][E]
-  const int e_all = num_experts;
-  for (int i = threadIdx.x; i < kWarps * e_all; i += blockDim.x) warp_counts[i] = 0;
+  for (int i = tid; i < kWarps * e_all; i += kLayoutChunk) warp_counts[i] = 0;
   __syncthreads();
 
-  const int f = blockIdx.x * kLayoutChunk + threadIdx.x;
+  const int f = chunk * kLayoutChunk + tid;
   int e = e_all;  // the "unrouted" key: ids outside [0, E) count as -1
-  if (f < num_slots) {
+  if (chunk < num_chunks && f < num_slots) {
     const int v = topk_idx[f];
     if (v >= 0 && v < e_all) e = v;
   }
-  const int lane = Lane(), warp = threadIdx.x / kWarp;
+  const int lane = Lane(), warp = tid / kWarp;
   const unsigned same = __match_any_sync(0xffffffffu, e);
   const int rank_in_warp = __popc(same & ((1u << lane) - 1u));
   if (rank_in_warp == 0 && e < e_all) warp_counts[warp * e_all + e] = __popc(same);
   __syncthreads();
 
-  if (f < num_slots && e < e_all) {
+  if (e < e_all) {
     int r = rank_in_warp;
     for (int w = 0; w < warp; ++w) r += warp_counts[w * e_all + e];
     local_rank[f] = r;
   }
-  for (int i = threadIdx.x; i < e_all; i += blockDim.x) {
-    int s = 0;
+  if (chunk < num_chunks) {
+    for (int i = tid; i < e_all; i += kLayoutChunk) {
+      int s = 0;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) s += warp_counts[w * e_all + i];
-    chunk_hist[static_cast<size_t>(i) * gridDim.x + blockIdx.x] = s;  // expert-major [E][chunks]
+      for (int w = 0; w < kWarps; ++w) s += warp_counts[w * e_all + i];
+      chunk_hist[static_cast<size_t>(i) * num_chunks + chunk] = s;  // expert-major [E][chunks]
+    }
   }
 }
 
+__global__ void __launch_bounds__(kLayoutChunk)
+    LayoutChunksKernel(const int32_t* __restrict__ topk_idx, int num_slots, int num_experts,
+                       int32_t* __restrict__ local_rank, int32_t* __restrict__ chunk_hist) {
+  extern __shared__ int32_t warp_counts[];  // [kLayoutChunk / 32][E]
+  ChunkLayout(topk_idx, num_slots, num_experts, blockIdx.x, gridDim.x, threadIdx.x, warp_counts,
+              local_rank, chunk_hist);
+}
+
 __global__ void __launch_bounds__(kNotifyThreads)
-    DispatchNotifyKernel(CommEnv env, int num_chunks, int num_experts, int experts_local,
+    DispatchNotifyKernel(CommEnv env, const int32_t* __restrict__ fused_topk_idx, int num_slots,
+                         int num_chunks, int num_experts, int experts_local,
                          long long capacity, int32_t* __restrict__ group_sizes,
                          int32_t* __restrict__ num_dropped, int32_t* __restrict__ num_recv) {
   using Scan = cub::BlockScan<int, kNotifyThreads>;
@@ -67,44 +85,77 @@ __global__ void __launch_bounds__(kNotifyThreads)
   const int32_t* hist = At<int32_t>(env, env.rank, L.chunk_hist);
   int32_t* chunk_base = At<int32_t>(env, env.rank, L.chunk_base);
 
+  if (fused_topk_idx) {
+    // Few chunks: the chunk pass runs here, kNotifyThreads / kLayoutChunk chunks at a time, in
+    // the shared memory past the notify arrays, instead of in a kernel launch of its own.
+    constexpr int kGroups = kNotifyThreads / kLayoutChunk;
+    const int group = threadIdx.x / kLayoutChunk;
+    int32_t* warp_counts = smem + 3 * e_all + group * (kLayoutChunk / kWarp) * e_all;
+    for (int c0 = 0; c0 < num_chunks; c0 += kGroups) {
+      ChunkLayout(fused_topk_idx, num_slots, e_all, c0 + group, num_chunks,
+                  threadIdx.x % kLayoutChunk, warp_counts,
+                  At<int32_t>(env, env.rank, L.local_rank), At<int32_t>(env, env.rank, L.chunk_hist));
+      __syncthreads();  // the groups' shared scratch is reused by the next round
+    }
+  }
+
   // Chunk bases: a running sum over the chunks of each expert. hist and chunk_base are
   // expert-major [E][chunks], so a warp reads 32 chunks of an expert in one transaction; each
   // warp takes kScanExperts experts at a time and issues all their loads (up to kScanTiles * 32
   // chunks each) before scanning, to keep the dependent round trips few.
-  constexpr int kScanExperts = 4, kScanTiles = 4;
-  const int lane = Lane();
-  const int warps = blockDim.x / kWarp;
-  for (int e0 = (threadIdx.x / kWarp) * kScanExperts; e0 < e_all; e0 += warps * kScanExperts) {
-    int carry[kScanExperts] = {};
-    for (int b0 = 0; b0 < num_chunks; b0 += kScanTiles * kWarp) {
-      int v[kScanExperts][kScanTiles];
+  if (num_chunks <= kSerialScanChunks) {
+    // Few chunks (decode sizes): a thread per expert walks them; its loads are independent, so
+    // this is one round trip, where the warp scans below would be a chain of shuffles.
+    for (int e = threadIdx.x; e < e_all; e += blockDim.x) {
+      int v[kSerialScanChunks];
 #pragma unroll
-      for (int i = 0; i < kScanExperts; ++i)
+      for (int b = 0; b < kSerialScanChunks; ++b) {
+        v[b] = b < num_chunks ? hist[static_cast<size_t>(e) * num_chunks + b] : 0;
+      }
+      int run = 0;
 #pragma unroll
-        for (int tt = 0; tt < kScanTiles; ++tt) {
-          const int e = e0 + i, b = b0 + tt * kWarp + lane;
-          v[i][tt] = e < e_all && b < num_chunks ? hist[static_cast<size_t>(e) * num_chunks + b] : 0;
-        }
-#pragma unroll
-      for (int i = 0; i < kScanExperts; ++i)
-#pragma unroll
-        for (int tt = 0; tt < kScanTiles; ++tt) {
-          int incl = v[i][tt];
-#pragma unroll
-          for (int o = 1; o < kWarp; o <<= 1) {
-            const int up = __shfl_up_sync(0xffffffffu, incl, o);
-            if (lane >= o) incl += up;
-          }
-          const int e = e0 + i, b = b0 + tt * kWarp + lane;
-          if (e < e_all && b < num_chunks) {
-            chunk_base[static_cast<size_t>(e) * num_chunks + b] = carry[i] + incl - v[i][tt];
-          }
-          carry[i] += __shfl_sync(0xffffffffu, incl, kWarp - 1);
-        }
+      for (int b = 0; b < kSerialScanChunks; ++b) {
+        if (b < num_chunks) chunk_base[static_cast<size_t>(e) * num_chunks + b] = run;
+        run += v[b];
+      }
+      total[e] = run;
     }
+  } else {
+    constexpr int kScanExperts = 4, kScanTiles = 4;
+    const int lane = Lane();
+    const int warps = blockDim.x / kWarp;
+    for (int e0 = (threadIdx.x / kWarp) * kScanExperts; e0 < e_all; e0 += warps * kScanExperts) {
+      int carry[kScanExperts] = {};
+      for (int b0 = 0; b0 < num_chunks; b0 += kScanTiles * kWarp) {
+        int v[kScanExperts][kScanTiles];
 #pragma unroll
-    for (int i = 0; i < kScanExperts; ++i) {
-      if (lane == 0 && e0 + i < e_all) total[e0 + i] = carry[i];
+        for (int i = 0; i < kScanExperts; ++i)
+#pragma unroll
+          for (int tt = 0; tt < kScanTiles; ++tt) {
+            const int e = e0 + i, b = b0 + tt * kWarp + lane;
+            v[i][tt] = e < e_all && b < num_chunks ? hist[static_cast<size_t>(e) * num_chunks + b] : 0;
+          }
+#pragma unroll
+        for (int i = 0; i < kScanExperts; ++i)
+#pragma unroll
+          for (int tt = 0; tt < kScanTiles; ++tt) {
+            int incl = v[i][tt];
+#pragma unroll
+            for (int o = 1; o < kWarp; o <<= 1) {
+              const int up = __shfl_up_sync(0xffffffffu, incl, o);
+              if (lane >= o) incl += up;
+            }
+            const int e = e0 + i, b = b0 + tt * kWarp + lane;
+            if (e < e_all && b < num_chunks) {
+              chunk_base[static_cast<size_t>(e) * num_chunks + b] = carry[i] + incl - v[i][tt];
+            }
+            carry[i] += __shfl_sync(0xffffffffu, incl, kWarp - 1);
+          }
+      }
+#pragma unroll
+      for (int i = 0; i < kScanExperts; ++i) {
+        if (lane == 0 && e0 + i < e_all) total[e0 + i] = carry[i];
+      }
     }
   }
   __syncthreads();
@@ -177,6 +228,14 @@ namespace jax_ep {
 namespace {
 size_t ChunkSmem(int num_experts) { return sizeof(int32_t) * (kLayoutChunk / kWarp) * num_experts; }
 size_t NotifySmem(int num_experts) { return sizeof(int32_t) * 3 * num_experts; }
+// The notify kernel with the chunk pass fused in: its arrays plus one chunk scratch per group.
+size_t FusedNotifySmem(int num_experts) {
+  return NotifySmem(num_experts) + (kNotifyThreads / kLayoutChunk) * ChunkSmem(num_experts);
+}
+constexpr size_t kFusedSmemLimit = 64 * 1024;  // E up to 455: decode-sized MoEs
+bool CanFuse(int chunks, int num_experts) {
+  return chunks <= kSerialScanChunks && FusedNotifySmem(num_experts) <= kFusedSmemLimit;
+}
 }  // namespace
 
 cudaError_t PrepareLayoutKernels(int num_experts) {
@@ -184,8 +243,9 @@ cudaError_t PrepareLayoutKernels(int num_experts) {
                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(ChunkSmem(num_experts)));
   if (err != cudaSuccess) return err;
+  const size_t notify = CanFuse(1, num_experts) ? FusedNotifySmem(num_experts) : NotifySmem(num_experts);
   return cudaFuncSetAttribute(DispatchNotifyKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(NotifySmem(num_experts)));
+                              static_cast<int>(notify));
 }
 
 cudaError_t LaunchLayoutAndNotify(const CommEnv& env, const int32_t* topk_idx, int tokens,
@@ -195,15 +255,18 @@ cudaError_t LaunchLayoutAndNotify(const CommEnv& env, const int32_t* topk_idx, i
   const int slots = tokens * top_k;
   const int chunks = (slots + kLayoutChunk - 1) / kLayoutChunk;
   const CommLayout& L = env.layout;
-  if (chunks > 0) {
+  const bool fuse = chunks > 0 && CanFuse(chunks, num_experts);
+  if (chunks > 0 && !fuse) {
     LayoutChunksKernel<<<chunks, kLayoutChunk, ChunkSmem(num_experts), stream>>>(
         topk_idx, slots, num_experts, reinterpret_cast<int32_t*>(env.base[env.rank] + L.local_rank),
         reinterpret_cast<int32_t*>(env.base[env.rank] + L.chunk_hist));
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  DispatchNotifyKernel<<<1, kNotifyThreads, NotifySmem(num_experts), stream>>>(
-      env, chunks, num_experts, experts_local, capacity, group_sizes, num_dropped, num_recv);
+  DispatchNotifyKernel<<<1, kNotifyThreads,
+                         fuse ? FusedNotifySmem(num_experts) : NotifySmem(num_experts), stream>>>(
+      env, fuse ? topk_idx : nullptr, slots, chunks, num_experts, experts_local, capacity,
+      group_sizes, num_dropped, num_recv);
   return cudaGetLastError();
 }
 

@@ -49,7 +49,12 @@ for s in "$@"; do
       if [ "$s" = mp_mps ]; then echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; fi ;;
     pytest:*) stage pytest 400 python3 -m pytest -m gpu -v -rA -k "${s#pytest:}" tests ;;
     bench1) stage bench1 200 python3 bench/bench_ep.py --out "$LOGS" ${BENCH_ARGS:-} ;;
-    bench8) stage bench8 300 python3 bench/run_world.py 8 --mps --num-sms 8 --out "$LOGS" ${BENCH_ARGS:-} ;;
+    bench8)  # 8 processes sharing the GPU under MPS: the decode shape, then the large shapes at
+             # 512 tokens per rank (8 ranks' buffers must fit in one GPU)
+      stage bench8_decode 200 python3 bench/run_world.py 8 --mps --num-sms 8 --shapes decode \
+        --reps 10 --trials 5 --out "$LOGS" --tag _decode
+      stage bench8_large 200 python3 bench/run_world.py 8 --mps --num-sms 8 --shapes \
+        deepseek_v3,mixtral --tokens 512 --reps 4 --trials 5 --out "$LOGS" --tag _t512 ;;
     ncu)  # per-kernel device time and DRAM bytes of one dispatch + combine per shape
       for shape in ${NCU_SHAPES:-decode mixtral deepseek_v3}; do
         stage "ncu_$shape" 150 ncu --clock-control none --profile-from-start off --csv \

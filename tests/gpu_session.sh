@@ -56,12 +56,12 @@ for s in "$@"; do
       stage bench8_large 200 python3 bench/run_world.py 8 --mps --num-sms 8 --shapes \
         deepseek_v3,mixtral --tokens 512 --reps 4 --trials 5 --out "$LOGS" --tag _t512 ;;
     ncu)  # per-kernel device time and DRAM bytes of one dispatch + combine per shape
-      for shape in ${NCU_SHAPES:-decode mixtral deepseek_v3}; do
-        stage "ncu_$shape" 150 ncu --clock-control none --profile-from-start off --csv \
+      for sms in ${NCU_SMS:-24 132}; do for shape in ${NCU_SHAPES:-decode mixtral deepseek_v3}; do
+        stage "ncu_${shape}_sms$sms" 150 ncu --clock-control none --profile-from-start off --csv \
           --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
-          python3 bench/profile_ops.py --shape "$shape" --calls 1 --num-sms ${NCU_SMS:-132}
-        grep -E '"(gpu__time|dram__bytes)' "$LOGS/ncu_$shape.log" | awk -F'","' '{print $5" | "$(NF-2)" | "$(NF-1)" "$NF}' | cut -c1-160 | tail -40
-      done ;;
+          python3 bench/profile_ops.py --shape "$shape" --calls 1 --num-sms $sms
+        python3 bench/ncu_summary.py "$LOGS/ncu_${shape}_sms$sms.log" --json "$LOGS/ncu_${shape}_sms$sms.json"
+      done; done ;;
     *) echo "unknown stage $s" ;;
   esac
 done

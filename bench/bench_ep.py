@@ -51,6 +51,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+_barrier_count = 0
+
+
+def sync_processes() -> None:
+    """With several processes, start each timed trial together: otherwise a rank that launches
+    first waits inside the kernels for the others, and its time counts their host-side lag."""
+    import jax
+
+    global _barrier_count
+    if jax.process_count() > 1:
+        from jax._src import distributed
+
+        _barrier_count += 1
+        distributed.global_state.client.wait_at_barrier(f"jax_ep_bench_{_barrier_count}", 120_000)
+
+
 def timed(fn, input_sets, reps: int, trials: int) -> float:
     """Per-call seconds of `fn` run as one program: `reps` calls, each on its own input set
     (distinct sets, so XLA cannot merge equal calls and each set is read from HBM, not L2), in
@@ -65,6 +81,7 @@ def timed(fn, input_sets, reps: int, trials: int) -> float:
     jax.block_until_ready(program(*chosen))  # compile and warm up
     samples = []
     for _ in range(trials):
+        sync_processes()
         t0 = time.perf_counter()
         jax.block_until_ready(program(*chosen))
         samples.append((time.perf_counter() - t0) / reps)

@@ -5,7 +5,8 @@
 #   bash tests/gpu_session.sh build one_gpu mp bench1 bench8
 # Stages: build (compile; copies the extension to $OUT for later calls to carry), one_gpu (pytest
 # -m gpu, single process), mp (N = 2, 4, 8 processes sharing the GPU, and the timeout test),
-# bench1 / bench8 (bench/bench_ep.py at world size 1 / 8 processes), pytest:EXPR (pytest -m gpu -k EXPR).
+# bench1 / bench8 (bench/bench_ep.py at world size 1 / 8 processes), multigpu
+# (bench/bench_multigpu.py over every GPU), ncu (per-kernel device time), pytest:EXPR.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 LOGS="$OUT/logs"
@@ -55,6 +56,8 @@ for s in "$@"; do
         --reps 10 --trials 5 --out "$LOGS" --tag _decode
       stage bench8_large 200 python3 bench/run_world.py 8 --mps --num-sms 8 --shapes \
         deepseek_v3,mixtral --tokens 512 --reps 4 --trials 5 --out "$LOGS" --tag _t512 ;;
+    multigpu)  # several GPUs, one process driving them all (issue 8), against XLA and peer copy
+      stage multigpu 300 python3 bench/bench_multigpu.py --out "$LOGS" ${BENCH_ARGS:-} ;;
     ncu)  # per-kernel device time and DRAM bytes of one dispatch + combine per shape
       for sms in ${NCU_SMS:-24 132}; do for shape in ${NCU_SHAPES:-decode mixtral deepseek_v3}; do
         stage "ncu_${shape}_sms$sms" 150 ncu --clock-control none --profile-from-start off --csv \

@@ -20,9 +20,12 @@ def free_port() -> int:
 
 
 def launch(module: str, world: int, args: list[str], timeout_s: float = 600,
-           mem_fraction: float | None = None) -> list[tuple[int, str]]:
+           mem_fraction: float | None = None,
+           one_gpu_each: bool = False) -> list[tuple[int, str]]:
     """Runs `world` ranks of `module`; returns [(exit code, output)] in rank order. A rank still
-    running after timeout_s is killed (exit code -9)."""
+    running after timeout_s is killed (exit code -9). one_gpu_each: rank r sees only GPU r
+    (CUDA_VISIBLE_DEVICES), the one-process-per-GPU layout; otherwise every rank sees every GPU
+    and they share them (on one GPU: N processes on the same device)."""
     port = free_port()
     env = dict(os.environ)
     env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(mem_fraction or min(0.3, 0.6 / world))
@@ -34,7 +37,8 @@ def launch(module: str, world: int, args: list[str], timeout_s: float = 600,
     for rank in range(world):
         cmd = [sys.executable, "-X", "faulthandler", "-m", module, "--rank", str(rank), "--world", str(world),
                "--port", str(port), *args]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        rank_env = dict(env, CUDA_VISIBLE_DEVICES=str(rank)) if one_gpu_each else env
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=rank_env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     deadline = time.monotonic() + timeout_s
     results = []

@@ -16,6 +16,17 @@ def one_gpu_mesh() -> Mesh:
     return Mesh(np.array(jax.devices("gpu")[:1]), ("expert",))
 
 
+def num_gpus() -> int:
+    try:
+        return len(jax.devices("gpu"))
+    except RuntimeError:  # no GPU backend: the gpu marker skips these tests anyway
+        return 0
+
+
+needs_several_gpus = pytest.mark.skipif(num_gpus() < 2,
+                                        reason="needs several GPUs (one process driving them all)")
+
+
 @pytest.mark.parametrize("case", cuda_checks.CASES, ids=lambda c: c.name)
 def test_one_gpu_equals_oracle(case):
     assert cuda_checks.check_case(one_gpu_mesh(), case) == 1
@@ -62,6 +73,31 @@ def test_cuda_config_needs_buffer_sizes():
     with pytest.raises(ValueError, match="max_tokens"):
         jax_ep.EPGroup(one_gpu_mesh(), "expert", jax_ep.EPConfig(num_experts=4, top_k=2),
                        backend="cuda")
+
+
+@needs_several_gpus
+@pytest.mark.parametrize("case", cuda_checks.CASES, ids=lambda c: c.name)
+def test_one_process_driving_all_gpus(case):
+    """N = every local GPU, one process: peers by pointer with peer access."""
+    mesh = Mesh(np.array(jax.devices("gpu")), ("expert",))
+    assert cuda_checks.check_case(mesh, case) == num_gpus()
+
+
+@needs_several_gpus
+def test_one_process_driving_all_gpus_scan_of_20_rounds():
+    mesh = Mesh(np.array(jax.devices("gpu")), ("expert",))
+    assert cuda_checks.check_scan_rounds(mesh) == num_gpus()
+
+
+@needs_several_gpus
+def test_one_process_per_gpu():
+    """N = every GPU, one process each (CUDA IPC between processes)."""
+    world = num_gpus()
+    results = mp_launch.launch("tests.mp_worker", world, ["--mode", "cases"], timeout_s=540,
+                               one_gpu_each=True)
+    for rank, (code, out) in enumerate(results):
+        assert code == 0, f"rank {rank} exited {code}:\n{out[-4000:]}"
+        assert "scan_20_rounds ok" in out
 
 
 @pytest.mark.parametrize("world", [2, 4, 8])

@@ -32,6 +32,15 @@ void Check(cudaError_t err, const char* what) {
   }
 }
 
+// Teardown cannot throw (it runs from close() and at interpreter exit): a failure there is
+// reported on stderr and the rest of the teardown goes on.
+void CheckAtTeardown(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    std::fprintf(stderr, "jax_ep: %s failed at teardown: %s (%s)\n", what, cudaGetErrorName(err),
+                 cudaGetErrorString(err));
+  }
+}
+
 // Runs with `device` current and restores the caller's device after.
 class DeviceGuard {
  public:
@@ -39,7 +48,7 @@ class DeviceGuard {
     Check(cudaGetDevice(&previous_), "cudaGetDevice");
     Check(cudaSetDevice(device), "cudaSetDevice");
   }
-  ~DeviceGuard() { cudaSetDevice(previous_); }
+  ~DeviceGuard() { CheckAtTeardown(cudaSetDevice(previous_), "restoring the current device"); }
 
  private:
   int previous_ = 0;
@@ -58,12 +67,14 @@ Context& Get(int64_t group_id, int device) {
 void FreeContext(Context& ctx) {
   DeviceGuard guard(ctx.device);
   // Kernels of this group may still be queued; the buffers must outlive them.
-  cudaDeviceSynchronize();
+  CheckAtTeardown(cudaDeviceSynchronize(), "waiting for the group's kernels");
   for (int r = 0; r < kMaxRanks; ++r) {
-    if (ctx.peer_from_ipc[r] && ctx.peer_base[r]) cudaIpcCloseMemHandle(ctx.peer_base[r]);
+    if (ctx.peer_from_ipc[r] && ctx.peer_base[r]) {
+      CheckAtTeardown(cudaIpcCloseMemHandle(ctx.peer_base[r]), "cudaIpcCloseMemHandle");
+    }
   }
-  if (ctx.buffer) cudaFree(ctx.buffer);
-  if (ctx.error_host) cudaFreeHost(ctx.error_host);
+  if (ctx.buffer) CheckAtTeardown(cudaFree(ctx.buffer), "cudaFree of the EP buffer");
+  if (ctx.error_host) CheckAtTeardown(cudaFreeHost(ctx.error_host), "cudaFreeHost");
   ctx.buffer = nullptr;
   ctx.error_host = nullptr;
 }

@@ -88,11 +88,10 @@ class EPGroup:
         self.config = config
         self.num_ranks = n
         self.experts_per_rank = config.num_experts // n
-        self.topology = (topology.from_labels(hosts, n) if hosts is not None else None)
+        given = topology.from_labels(hosts, n) if hosts is not None else None
         self._coordinator = coordination.create(mesh, axis_name, config, backend=backend,
                                                 hosts=hosts)
-        if self.topology is None:
-            self.topology = topology.discover(mesh, axis_name, self._coordinator.hostnames)
+        self.topology = given or topology.discover(mesh, axis_name, self._coordinator.hostnames)
         self.backend_name = _resolve_backend(backend, mesh, self.topology.num_hosts)
         self.backend: Any
         if self.backend_name == "cuda":
@@ -122,6 +121,7 @@ class EPGroup:
         if not self._closed:
             self._closed = True
             try:
+                # After jax.distributed.shutdown() (at exit) the peers are gone: no one to wait for.
                 if coordination.kv_client() is not None or not self._coordinator.spans_processes:
                     self._coordinator.barrier("close")
             except TimeoutError as e:

@@ -21,8 +21,9 @@ def main() -> int:
                         required=True)
     parser.add_argument("--platform", choices=["cpu", "gpu"], default="cpu")
     args = parser.parse_args()
-    # Discovery sees one host name per process: two emulated hosts on one machine.
-    os.environ["JAX_EP_HOSTNAME"] = f"emulated-host-{args.rank}"
+    # Discovery sees two host names: the first and second half of the processes are two
+    # emulated hosts of one machine.
+    os.environ["JAX_EP_HOSTNAME"] = f"emulated-host-{2 * args.rank // args.world}"
 
     import jax
 
@@ -92,10 +93,10 @@ def cases_mode(args, mesh) -> int:
     want_gw = np.where(routed, 2 * np.einsum("nth,nth->nt", x, r)[..., None], 0)
     inputs = [_global(mesh, a) for a in (x, idx, w, r)]
     cfg = jax_ep.EPConfig(num_experts=e, top_k=k)
-    half = n // 2
+    discovered = tuple(2 * d.process_index // args.world for d in mesh.devices.flat)
     setups = [("reference", "reference", None, None),
-              ("hierarchical 4 hosts x 2", "hierarchical", [i // 2 for i in range(n)], 4),
-              ("auto, hosts discovered", "auto", None, 2)]
+              ("hierarchical, 4 hosts given", "hierarchical", [4 * i // n for i in range(n)], 4),
+              ("auto, 2 hosts discovered", "auto", None, 2)]
     for name, backend, hosts, num_hosts in setups:
         t0 = time.perf_counter()
         group = jax_ep.EPGroup(mesh, "expert", cfg, backend=backend, hosts=hosts)
@@ -103,7 +104,7 @@ def cases_mode(args, mesh) -> int:
             assert group.backend_name == "hierarchical", group
             assert group.topology.num_hosts == num_hosts, group.topology
         if hosts is None and num_hosts == 2:
-            assert group.topology.host_of == (0,) * half + (1,) * half, group.topology
+            assert group.topology.host_of == discovered, (group.topology, discovered)
         run = harness.per_rank(mesh, lambda a, i, b: (lambda dd: (dd, jax_ep.combine(
             group, dd.x, dd.handle, weights=dd.weights)))(jax_ep.dispatch(group, a, i, b)))
         (d, yw), first = _mine(run(*inputs[:3]))

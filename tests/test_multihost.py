@@ -23,7 +23,7 @@ def _run(mode: str, world: int = 2, timeout_s: float = 120) -> str:
 
 def test_two_processes_match_oracle():
     log = _run("cases")
-    for name in ("reference", "hierarchical 4 hosts x 2", "auto, hosts discovered"):
+    for name in ("reference", "hierarchical, 4 hosts given", "auto, 2 hosts discovered"):
         assert f"process 1: {name} ok" in log, log
 
 
@@ -43,8 +43,9 @@ def test_close_waits_for_peers():
 
 @pytest.mark.gpu
 def test_hierarchical_one_process_per_gpu():
-    """2 emulated hosts of one process per GPU. The legs are XLA all_to_alls (NCCL), and NCCL
-    refuses two ranks on one GPU, so this needs a GPU per process."""
+    """4 processes of one GPU each, as 2 emulated hosts of 2 ranks. The hierarchical legs are
+    XLA all_to_alls (NCCL), and NCCL refuses two ranks on one GPU, so unlike the cuda backend's
+    multi-process tests this needs a GPU per process."""
     import jax
 
     gpus = len(jax.devices("gpu"))

@@ -89,3 +89,17 @@ def slot_destinations(
     delivered = valid & (row < sizes.capacity)
     dest_rank = jnp.where(delivered, topk_idx // sizes.experts_per_rank, -1)
     return dest_rank.astype(jnp.int32), jnp.where(delivered, row, -1).astype(jnp.int32)
+
+
+def route(topk_idx: jax.Array, axis_name: str, sizes: Sizes):
+    """The layout of one dispatch on this rank, inside shard_map over `axis_name`: gathers the
+    count matrix M [N, E] (N * E int32 per rank: the only exchange the layout needs) and returns
+    (dest_rank [T, k], dest_row [T, k], group_sizes [E_local], num_recv [], num_dropped [])."""
+    me = jax.lax.axis_index(axis_name)
+    flat_expert = jnp.where(
+        valid_slots(topk_idx, sizes.num_experts), topk_idx, sizes.num_experts).reshape(-1)
+    count_matrix = jax.lax.all_gather(expert_counts(flat_expert, sizes.num_experts), axis_name)
+    base, total = row_bases(count_matrix, sizes)
+    dest_rank, dest_row = slot_destinations(topk_idx, base[me], sizes)
+    group_sizes, num_recv, num_dropped = receive_sizes(total[me], sizes.capacity)
+    return dest_rank, dest_row, group_sizes, num_recv, num_dropped

@@ -21,18 +21,21 @@ def free_port() -> int:
 
 def launch(module: str, world: int, args: list[str], timeout_s: float = 600,
            mem_fraction: float | None = None,
+           env: dict[str, str] | None = None,
            one_gpu_each: bool = False) -> list[tuple[int, str]]:
     """Runs `world` ranks of `module`; returns [(exit code, output)] in rank order. A rank still
-    running after timeout_s is killed (exit code -9). one_gpu_each: rank r sees only GPU r
-    (CUDA_VISIBLE_DEVICES), the one-process-per-GPU layout; otherwise every rank sees every GPU
-    and they share them (on one GPU: N processes on the same device)."""
+    running after timeout_s is killed (exit code -9). `env` is added to the workers'
+    environment last (e.g. XLA_FLAGS for emulated CPU devices). one_gpu_each: rank r sees only
+    GPU r (CUDA_VISIBLE_DEVICES), the one-process-per-GPU layout; otherwise every rank sees
+    every GPU and they share them (on one GPU: N processes on the same device)."""
     port = free_port()
-    env = dict(os.environ)
+    extra_env, env = env, dict(os.environ)
     env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(mem_fraction or min(0.3, 0.6 / world))
     env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("XLA_FLAGS", None)  # no emulated CPU devices in the workers
+    env.update(extra_env or {})
     procs = []
     for rank in range(world):
         cmd = [sys.executable, "-X", "faulthandler", "-m", module, "--rank", str(rank), "--world", str(world),

@@ -62,6 +62,7 @@ def timeout_mode(args, mesh) -> int:
     print(f"rank {args.rank}: group created", flush=True)
     if args.rank != 0:
         client.blocking_key_value_get("jax_ep_test/timeout_done", 60_000)
+        group.close()  # collective: rank 0 closes after setting timeout_done
         return 0
     x, idx, w, *_ = cuda_checks.inputs_for(case, args.world, 0)
     run = cuda_checks.harness.per_rank(mesh, lambda a, b, c: jax_ep.dispatch(group, a, b, c).x)

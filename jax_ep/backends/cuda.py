@@ -10,7 +10,6 @@ per-call progress lives on the device.
 from __future__ import annotations
 
 import base64
-import hashlib
 import itertools
 from typing import Any
 
@@ -22,11 +21,11 @@ from jax.sharding import Mesh
 from jax_ep import _ext
 from jax_ep._vma import make_varying, varying_axes
 from jax_ep.config import EPConfig, Sizes
+from jax_ep.coordination import GroupCoordinator
 from jax_ep.errors import EPRuntimeError
 from jax_ep.types import Handle
 
 _group_ids = itertools.count(1)
-_KV_TIMEOUT_MS = 120_000
 
 
 def _sds(shape, dtype) -> jax.ShapeDtypeStruct:
@@ -40,15 +39,11 @@ def _slices(mesh: Mesh, axis_name: str) -> dict[Any, list[jax.Device]]:
     return {idx: list(devices[idx]) for idx in np.ndindex(devices.shape[:-1])}
 
 
-def _config_digest(config: EPConfig, mesh: Mesh, axis_name: str) -> str:
-    text = repr((config, tuple(mesh.axis_names), mesh.devices.shape, axis_name))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 class CudaBackend:
     name = "cuda"
 
-    def __init__(self, mesh: Mesh, axis_name: str, config: EPConfig):
+    def __init__(self, mesh: Mesh, axis_name: str, config: EPConfig,
+                 coordinator: GroupCoordinator):
         if config.max_tokens is None or config.hidden_size is None:
             raise ValueError("EPGroup(backend='cuda') sizes its buffers from EPConfig.max_tokens "
                              "and EPConfig.hidden_size; set both")
@@ -74,29 +69,21 @@ class CudaBackend:
                         self.max_row_bytes, config.num_sms, float(config.timeout_s))
                     self._local.append(dev.local_hardware_id)
         try:
-            self._connect(slices, _config_digest(config, mesh, axis_name))
+            self._connect(slices, coordinator)
         except BaseException:
             self.close()
             raise
 
-    def _connect(self, slices: dict[Any, list[jax.Device]], digest: str) -> None:
+    def _connect(self, slices: dict[Any, list[jax.Device]], coord: GroupCoordinator) -> None:
+        # The coordinator already checked that every process created this same group (in
+        # EPGroup), so IPC handles are published under its namespace and waits are bounded.
         me = jax.process_index()
-        remote = any(d.process_index != me for devs in slices.values() for d in devs)
-        client = None
-        if remote:
-            from jax._src import distributed
-
-            client = distributed.global_state.client
-            if client is None:
-                raise ValueError("EPGroup(backend='cuda') over devices of several processes needs "
-                                 "jax.distributed.initialize() first")
-            prefix = f"jax_ep/{self.group_id}/{digest}"
+        if coord.spans_processes:
             for devs in slices.values():
                 for d in devs:
                     if d.process_index == me:
                         handle = self._ext.ipc_handle(self.group_id, d.local_hardware_id)
-                        client.key_value_set(f"{prefix}/{d.id}",
-                                             base64.b64encode(handle).decode())
+                        coord.publish(f"ipc/{d.id}", base64.b64encode(handle).decode())
         for devs in slices.values():
             for dev in devs:
                 if dev.process_index != me:
@@ -108,15 +95,8 @@ class CudaBackend:
                         self._ext.connect_local_peer(self.group_id, dev.local_hardware_id,
                                                      peer_rank, peer.local_hardware_id)
                     else:
-                        try:
-                            value = client.blocking_key_value_get(f"{prefix}/{peer.id}",
-                                                                  _KV_TIMEOUT_MS)
-                        except Exception as e:
-                            raise RuntimeError(
-                                f"jax_ep: process {peer.process_index} did not publish its EP "
-                                f"buffer for device {peer.id} within {_KV_TIMEOUT_MS // 1000} s: "
-                                f"is it running, and did it create the same EPGroup (same "
-                                f"EPConfig, mesh and creation order)?") from e
+                        value = coord.fetch(peer.process_index, f"ipc/{peer.id}",
+                                            f"publish its EP buffer for device {peer.id}")
                         self._ext.connect_remote_peer(self.group_id, dev.local_hardware_id,
                                                       peer_rank, base64.b64decode(value))
                 self._ext.finish_connect(self.group_id, dev.local_hardware_id)

@@ -55,15 +55,8 @@ class ReferenceBackend:
     # --- the three operations --------------------------------------------------------------------
 
     def dispatch(self, x, topk_idx, topk_weights, sizes: Sizes):
-        me = lax.axis_index(self.axis_name)
-        flat_expert = jnp.where(
-            layout.valid_slots(topk_idx, sizes.num_experts), topk_idx, sizes.num_experts
-        ).reshape(-1)
-        counts = layout.expert_counts(flat_expert, sizes.num_experts)
-        count_matrix = lax.all_gather(counts, self.axis_name)  # [N, E]
-        base, total = layout.row_bases(count_matrix, sizes)
-        dest_rank, dest_row = layout.slot_destinations(topk_idx, base[me], sizes)
-        group_sizes, num_recv, num_dropped = layout.receive_sizes(total[me], sizes.capacity)
+        dest_rank, dest_row, group_sizes, num_recv, num_dropped = layout.route(
+            topk_idx, self.axis_name, sizes)
 
         # Receivers learn which slot each row holds from a stream of the rows' indices (+ 1, so
         # that the zeros of slots sent elsewhere read as "no row").

@@ -120,18 +120,18 @@ def _dispatch(group: EPGroup, sizes: Sizes, layout_name: str, x, topk_idx, topk_
 
 def _dispatch_fwd(group, sizes, layout_name, x, topk_idx, topk_weights, x_scales):
     out = _dispatch(group, sizes, layout_name, x, topk_idx, topk_weights, x_scales)
-    return out, out[4]
+    quantised = (x, x_scales) if fp8.is_fp8(x) else None
+    return out, (out[4], quantised)
 
 
-def _dispatch_bwd(group, sizes, layout_name, handle, cts):
-    ct_rows, ct_row_weights, ct_scales = cts[0], cts[1], cts[5]
-    if fp8.is_fp8(ct_rows):
+def _dispatch_bwd(group, sizes, layout_name, residuals, cts):
+    handle, quantised = residuals
+    ct_rows, ct_row_weights = cts[0], cts[1]
+    if quantised is not None:
         # Quantised tokens carry no gradient (documented): only the routing weights get one.
+        x, x_scales = quantised
         _, ct_weights = _combine_lin(group, sizes, None, ct_row_weights, handle)
-        ct_x = jnp.zeros((sizes.num_tokens, sizes.hidden), ct_rows.dtype)
-        ct_x_scales = None if ct_scales is None else jnp.zeros(
-            (sizes.num_tokens, ct_scales.shape[-1]), _f32)
-        return ct_x, None, ct_weights, ct_x_scales
+        return jnp.zeros_like(x), None, ct_weights, jnp.zeros_like(x_scales)
     ct_x, ct_weights = _combine_lin(group, sizes, ct_rows, ct_row_weights, handle)
     return ct_x, None, ct_weights, None
 

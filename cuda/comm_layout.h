@@ -22,6 +22,14 @@ struct alignas(128) SignalArea {
   unsigned long long data_done[kMaxRanks];      // peer s: seq when its pushes to us are complete
 };
 
+// Progress of the padded (low-latency) layout's calls on one rank, written by its own kernels.
+// Two kinds of call, each with its own sequence and double-buffered regions: dispatch-kind
+// (source -> expert: dispatch and redispatch) and combine-kind (expert -> source).
+struct alignas(128) LowLatencySignal {
+  unsigned long long seq[2];       // completed calls of each kind (advanced by their last kernel)
+  unsigned int block_counter[4];   // "last block done" counters of the low-latency kernels
+};
+
 // Limits a group's buffers are sized for (from EPConfig and the mesh).
 struct CommLimits {
   int num_ranks;
@@ -30,6 +38,8 @@ struct CommLimits {
   int max_tokens;
   int64_t max_capacity;    // C for max_tokens
   int64_t max_row_bytes;   // hidden_size * itemsize of the widest dtype
+  int ll_max_tokens = 0;   // M of the padded layout; 0: no padded-layout buffers
+  int ll_scale_cols = 0;   // float32 scales per fp8 row (ceil(hidden_size / 128))
 };
 
 // Byte offsets into the communication buffer. Shared regions (peers write them):
@@ -38,6 +48,14 @@ struct CommLimits {
 //   staging [S][row_bytes]
 // Private regions (only this rank's kernels): local_rank [Tk], chunk_hist / chunk_base
 // [chunks][E], dest_base [E].   (S = max(C, T*k), Tk = T*k.)
+//
+// Padded-layout regions (only with ll_max_tokens = M > 0; P = E pairs (local expert, source),
+// index l * N + s on the expert's rank), each as two halves [2] used by alternate calls:
+//   ll_disp_flag [P] u64 (tag << 32 | rows), ll_disp_dups [P] int32, ll_disp_w [P * M] float,
+//   ll_disp_scales [P * M][scale cols] float, ll_disp_rows [P * M][row bytes]   (source -> expert)
+//   ll_comb_flag [kMaxRanks] u64 (seq), ll_comb_scale / ll_comb_value [E * M] float,
+//   ll_comb_rows [E * M][row bytes]                                            (expert -> source)
+// and, not halved: ll_signal (LowLatencySignal), ll_expert_counter [E] u32 (private).
 struct CommLayout {
   size_t signal, counts, row_primary, row_src, row_f32, slot_f32, staging;
   size_t local_rank, chunk_hist, chunk_base, dest_base;
@@ -45,6 +63,10 @@ struct CommLayout {
   int64_t staging_rows;
   int64_t max_row_bytes;
   int max_chunks;
+  int ll_max_tokens;  // 0: the group has no padded-layout buffers
+  size_t ll_signal, ll_expert_counter;
+  size_t ll_disp_flag[2], ll_disp_dups[2], ll_disp_w[2], ll_disp_scales[2], ll_disp_rows[2];
+  size_t ll_comb_flag[2], ll_comb_scale[2], ll_comb_value[2], ll_comb_rows[2];
 };
 
 inline size_t AlignUp(size_t x, size_t a) { return (x + a - 1) / a * a; }
@@ -72,6 +94,23 @@ inline CommLayout ComputeCommLayout(const CommLimits& lim) {
   l.chunk_hist = take(sizeof(int32_t) * l.max_chunks * lim.num_experts);
   l.chunk_base = take(sizeof(int32_t) * l.max_chunks * lim.num_experts);
   l.dest_base = take(sizeof(int32_t) * lim.num_experts);
+  l.ll_max_tokens = lim.ll_max_tokens;
+  if (lim.ll_max_tokens > 0) {
+    const size_t slots = static_cast<size_t>(lim.num_experts) * lim.ll_max_tokens;  // P * M
+    l.ll_signal = take(sizeof(LowLatencySignal));
+    l.ll_expert_counter = take(sizeof(unsigned int) * lim.num_experts);
+    for (int h = 0; h < 2; ++h) {
+      l.ll_disp_flag[h] = take(sizeof(unsigned long long) * lim.num_experts);
+      l.ll_disp_dups[h] = take(sizeof(int32_t) * lim.num_experts);
+      l.ll_disp_w[h] = take(sizeof(float) * slots);
+      l.ll_disp_scales[h] = take(sizeof(float) * slots * lim.ll_scale_cols);
+      l.ll_disp_rows[h] = take(slots * lim.max_row_bytes);
+      l.ll_comb_flag[h] = take(sizeof(unsigned long long) * kMaxRanks);
+      l.ll_comb_scale[h] = take(sizeof(float) * slots);
+      l.ll_comb_value[h] = take(sizeof(float) * slots);
+      l.ll_comb_rows[h] = take(slots * lim.max_row_bytes);
+    }
+  }
   l.total_bytes = off;
   l.staging_rows = s;
   l.max_row_bytes = lim.max_row_bytes;
@@ -92,6 +131,8 @@ enum Phase : int32_t {
   kPhaseDispatchData = 2,
   kPhaseBarrier = 3,
   kPhaseCombineData = 4,
+  kPhaseLowLatencyDispatch = 5,
+  kPhaseLowLatencyCombine = 6,
 };
 
 inline const char* PhaseName(int32_t phase) {
@@ -100,6 +141,8 @@ inline const char* PhaseName(int32_t phase) {
     case kPhaseDispatchData: return "dispatch/data (rows from peers)";
     case kPhaseBarrier: return "barrier (peer ready)";
     case kPhaseCombineData: return "combine/data (rows pushed back)";
+    case kPhaseLowLatencyDispatch: return "padded dispatch (rows and counts from peers)";
+    case kPhaseLowLatencyCombine: return "padded combine (rows pushed back)";
     default: return "unknown";
   }
 }

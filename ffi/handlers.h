@@ -11,6 +11,8 @@ XLA_FFI_Error* JaxEpAbiVersionCpu(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxEpDispatchCuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxEpRedispatchCuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* JaxEpCombineCuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxEpPaddedDispatchCuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* JaxEpPaddedCombineCuda(XLA_FFI_CallFrame* call_frame);
 #endif
 
 }  // extern "C"

@@ -33,6 +33,8 @@ nb::dict CudaTargets() {
   d["jax_ep_dispatch"] = Capsule(JaxEpDispatchCuda);
   d["jax_ep_redispatch"] = Capsule(JaxEpRedispatchCuda);
   d["jax_ep_combine"] = Capsule(JaxEpCombineCuda);
+  d["jax_ep_padded_dispatch"] = Capsule(JaxEpPaddedDispatchCuda);
+  d["jax_ep_padded_combine"] = Capsule(JaxEpPaddedCombineCuda);
 #endif
   return d;
 }

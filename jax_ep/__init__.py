@@ -10,9 +10,10 @@
 from jax_ep.api import combine, dispatch
 from jax_ep.errors import EPRuntimeError
 from jax_ep.config import EPConfig
+from jax_ep.fp8 import dequantize_fp8, quantize_fp8
 from jax_ep.group import EPGroup, cuda_available
-from jax_ep.types import Dispatched, Handle
+from jax_ep.types import Dispatched, Handle, PaddedHandle
 
-__all__ = ["EPConfig", "EPGroup", "Dispatched", "Handle", "dispatch", "combine",
-           "cuda_available", "EPRuntimeError"]
+__all__ = ["EPConfig", "EPGroup", "Dispatched", "Handle", "PaddedHandle", "dispatch", "combine",
+           "quantize_fp8", "dequantize_fp8", "cuda_available", "EPRuntimeError"]
 __version__ = "0.1.0"

@@ -14,6 +14,8 @@ import numpy as np
 
 SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
 MAX_TOP_K = 32
+FP8_DTYPE = "float8_e4m3fn"  # dispatch may move rows in this dtype, with per-block scales
+FP8_BLOCK = 128  # channels per float32 scale of an fp8 row
 
 
 def dtype_name(dtype: Any) -> str:
@@ -38,6 +40,9 @@ class EPConfig:
       num_sms: the most SMs (thread blocks) a cuda kernel occupies, so expert compute can overlap.
       timeout_s: how long a cuda kernel waits for a peer before it reports a timeout.
       debug: raise an error naming the bad value when topk_idx holds ids outside [-1, E).
+      low_latency: enables `dispatch(..., layout="padded")` (the static decode layout, one round
+        trip). Needs max_tokens; the cuda backend then also allocates the padded-layout buffers,
+        2 * E * max_tokens rows for dispatch and as many for combine (double-buffered halves).
     """
 
     num_experts: int
@@ -50,6 +55,7 @@ class EPConfig:
     num_sms: int = 24
     timeout_s: float = 30.0
     debug: bool = False
+    low_latency: bool = False
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value: Any) -> None:
@@ -76,6 +82,9 @@ class EPConfig:
         positive_int("num_sms", self.num_sms)
         if not self.timeout_s > 0:
             raise ValueError(f"EPConfig.timeout_s must be > 0, got {self.timeout_s}")
+        if self.low_latency and self.max_tokens is None:
+            raise ValueError("EPConfig(low_latency=True) needs max_tokens: the padded layout "
+                             "holds max_tokens rows per (local expert, source rank)")
 
     def capacity_rows(self, num_ranks: int, num_tokens: int) -> int:
         """C: receive rows per rank for T = num_tokens tokens per rank on num_ranks ranks."""
@@ -98,6 +107,7 @@ class Sizes:
     top_k: int  # k
     hidden: int  # H
     capacity: int  # C
+    slots_per_source: int = 0  # M: padded-layout rows per (local expert, source rank)
 
     @property
     def num_slots(self) -> int:
@@ -114,4 +124,10 @@ def sizes_for(config: EPConfig, num_ranks: int, num_tokens: int, hidden: int) ->
         top_k=config.top_k,
         hidden=hidden,
         capacity=config.capacity_rows(num_ranks, num_tokens),
+        slots_per_source=config.max_tokens or num_tokens,
     )
+
+
+def fp8_scale_cols(hidden: int) -> int:
+    """Float32 scales per fp8 row of `hidden` channels (one per FP8_BLOCK channels)."""
+    return -(-hidden // FP8_BLOCK)

@@ -103,3 +103,42 @@ def route(topk_idx: jax.Array, axis_name: str, sizes: Sizes):
     dest_rank, dest_row = slot_destinations(topk_idx, base[me], sizes)
     group_sizes, num_recv, num_dropped = receive_sizes(total[me], sizes.capacity)
     return dest_rank, dest_row, group_sizes, num_recv, num_dropped
+
+
+# --- the padded (low-latency) layout ----------------------------------------------------------
+#
+# Rows land at a static place, so no count exchange precedes the data: on the rank of expert
+# e = d * E_local + l, slot (t, j) of source rank s sits at [l, s * M + p], where p is the number
+# of earlier delivered slots (in t * k + j order) of rank s with the same expert. A token sends at
+# most one row per expert: a slot whose expert already appeared earlier in the same token's top-k
+# is not delivered (counted as dropped on the expert's rank), so p < T <= M always holds and the
+# layout can never overflow.
+
+
+def repeated_slots(topk_idx: jax.Array, num_experts: int) -> jax.Array:
+    """[T, k] bool: valid slots whose expert appears at an earlier slot of the same token."""
+    valid = valid_slots(topk_idx, num_experts)
+    k = topk_idx.shape[1]
+    same = topk_idx[:, :, None] == topk_idx[:, None, :]  # [T, j, j']
+    earlier = jnp.arange(k)[None, :] < jnp.arange(k)[:, None]  # [j, j']: j' < j
+    return valid & jnp.any(same & earlier[None], axis=-1)
+
+
+def padded_slots(topk_idx: jax.Array, sizes: Sizes):
+    """The padded layout of one source rank.
+
+    Returns (slot_expert [T, k], slot_pos [T, k], counts [E], repeats [E]), int32: the expert and
+    position of each delivered slot (-1 where not delivered), the rows sent to each expert, and
+    the repeated slots each expert did not get.
+    """
+    e_all = sizes.num_experts
+    valid = valid_slots(topk_idx, e_all)
+    repeated = repeated_slots(topk_idx, e_all)
+    delivered = valid & ~repeated
+    flat = jnp.where(delivered, topk_idx, e_all).reshape(-1)
+    pos = rank_in_expert(flat, e_all).reshape(topk_idx.shape)
+    slot_expert = jnp.where(delivered, topk_idx, -1).astype(jnp.int32)
+    slot_pos = jnp.where(delivered, pos, -1).astype(jnp.int32)
+    counts = expert_counts(flat, e_all)
+    repeats = expert_counts(jnp.where(repeated, topk_idx, e_all).reshape(-1), e_all)
+    return slot_expert, slot_pos, counts, repeats

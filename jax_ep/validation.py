@@ -9,11 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ep.config import SUPPORTED_DTYPES, Sizes, dtype_name, sizes_for
+from jax_ep.config import (FP8_DTYPE, SUPPORTED_DTYPES, Sizes, dtype_name, fp8_scale_cols,
+                           sizes_for)
 
 if TYPE_CHECKING:
     from jax_ep.group import EPGroup
-    from jax_ep.types import Handle
+    from jax_ep.types import Handle, PaddedHandle
+
+LAYOUTS = ("normal", "padded")
 
 
 def _shape(a: Any) -> tuple[int, ...]:
@@ -49,13 +52,18 @@ def check_hidden(group: "EPGroup", op: str, hidden: int, dtype: Any) -> None:
     group.backend.check_row_layout(op, hidden, np.dtype(dtype))
 
 
-def check_dispatch(group: "EPGroup", x: Any, topk_idx: Any, topk_weights: Any) -> Sizes:
+def check_dispatch(group: "EPGroup", x: Any, topk_idx: Any, topk_weights: Any,
+                   x_scales: Any = None, layout: str = "normal") -> Sizes:
     """Checks dispatch's inputs; returns the call's static sizes."""
     check_inside_axis(group, "dispatch")
     config = group.config
     if len(_shape(x)) != 2:
         raise ValueError(f"jax_ep.dispatch: x must be [T, H] per rank, got shape {_shape(x)}")
-    check_rows_dtype("x", "dispatch", x)
+    check_layout(group, layout)
+    if x_scales is not None or dtype_name(x.dtype) == FP8_DTYPE:
+        check_fp8(x, x_scales)
+    else:
+        check_rows_dtype("x", "dispatch", x)
     t, h = _shape(x)
     k = config.top_k
     if _shape(topk_idx) != (t, k):
@@ -102,3 +110,58 @@ def check_combine(group: "EPGroup", rows: Any, handle: "Handle", weights: Any) -
                              f"{weights.dtype} {_shape(weights)}")
     check_hidden(group, "combine", h, rows.dtype)
     return sizes_for(config, group.num_ranks, t, h)
+
+
+# --- the padded (low-latency) layout and fp8 dispatch ------------------------------------------
+
+
+def check_layout(group: "EPGroup", layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"jax_ep.dispatch: layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "padded" and not group.config.low_latency:
+        raise ValueError("jax_ep.dispatch(layout='padded') needs EPConfig(low_latency=True, "
+                         "max_tokens=...): the padded layout is sized (and, on the cuda "
+                         "backend, its buffers allocated) from them")
+
+
+def check_fp8(x: Any, x_scales: Any) -> None:
+    """An fp8 x comes with its scales [T, H/128] float32, and scales only with an fp8 x."""
+    if dtype_name(x.dtype) != FP8_DTYPE:
+        raise ValueError(f"jax_ep.dispatch: x_scales is for fp8 tokens; x has dtype "
+                         f"{dtype_name(x.dtype)}, expected {FP8_DTYPE} (jax_ep.quantize_fp8 "
+                         f"makes both)")
+    t, h = _shape(x)
+    want = (t, fp8_scale_cols(h))
+    if x_scales is None:
+        raise ValueError(f"jax_ep.dispatch: x is {FP8_DTYPE}; pass its per-128-channel scales "
+                         f"as x_scales={list(want)} float32 (jax_ep.quantize_fp8 makes both)")
+    if h % 128:
+        raise ValueError(f"jax_ep.dispatch: fp8 rows need H a multiple of 128, got H={h}")
+    if _shape(x_scales) != want or x_scales.dtype != jnp.float32:
+        raise ValueError(f"jax_ep.dispatch: x_scales must be float32 {list(want)} (one scale "
+                         f"per 128 channels of each token), got {x_scales.dtype} "
+                         f"{list(_shape(x_scales))}")
+
+
+def check_padded_combine(group: "EPGroup", rows: Any, handle: "PaddedHandle",
+                         weights: Any) -> Sizes:
+    """Checks combine's inputs for the padded layout; returns the call's static sizes."""
+    check_inside_axis(group, "combine")
+    config = group.config
+    n, el = group.num_ranks, group.experts_per_rank
+    m = config.max_tokens
+    t = _shape(handle.slot_expert)[0]
+    if len(_shape(rows)) != 3 or _shape(rows)[:2] != (el, n * m):
+        raise ValueError(f"jax_ep.combine: rows of the padded layout must be [E_local, N * M, H]"
+                         f" = [{el}, {n * m}, H] per rank, got {list(_shape(rows))}")
+    check_rows_dtype("rows", "combine", rows)
+    h = _shape(rows)[2]
+    if (_shape(handle.slot_expert) != (t, config.top_k)
+            or _shape(handle.recv_counts) != (el, n)):
+        raise ValueError("jax_ep.combine: the handle does not belong to this group's padded "
+                         "layout; pass the handle of the dispatch that produced these rows")
+    if weights is not None and (_shape(weights) != (el, n * m) or weights.dtype != jnp.float32):
+        raise ValueError(f"jax_ep.combine: weights must be float32 [E_local, N * M] = "
+                         f"[{el}, {n * m}], got {weights.dtype} {list(_shape(weights))}")
+    check_hidden(group, "combine", h, rows.dtype)
+    return sizes_for(config, n, t, h)

@@ -13,7 +13,7 @@ def main() -> int:
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world", type=int, required=True)
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--mode", choices=["cases", "timeout"], default="cases")
+    parser.add_argument("--mode", choices=["cases", "timeout", "padded"], default="cases")
     args = parser.parse_args()
 
     import jax
@@ -25,7 +25,8 @@ def main() -> int:
 
     mesh = Mesh(np.array(jax.devices()), ("expert",))
     assert mesh.devices.size == args.world, jax.devices()
-    code = timeout_mode(args, mesh) if args.mode == "timeout" else cases_mode(args, mesh)
+    modes = {"cases": cases_mode, "timeout": timeout_mode, "padded": padded_mode}
+    code = modes[args.mode](args, mesh)
     # Leave together: a rank that exits while another still talks to the coordination service
     # (hosted by rank 0) makes the survivors abort.
     from jax._src import distributed
@@ -44,6 +45,22 @@ def cases_mode(args, mesh) -> int:
         print(f"rank {args.rank}/{args.world}: {case.name} ok ({time.perf_counter() - t0:.1f} s)")
     cuda_checks.check_scan_rounds(mesh)
     print(f"rank {args.rank}/{args.world}: scan_20_rounds ok")
+    return 0
+
+
+def padded_mode(args, mesh) -> int:
+    """The padded (low-latency) layout and fp8 dispatch (tests/cuda_padded_checks.py)."""
+    from tests import cuda_padded_checks as checks
+
+    for case in checks.CASES:
+        t0 = time.perf_counter()
+        checks.check_case(mesh, case, seed=args.world)
+        print(f"rank {args.rank}/{args.world}: padded {case.name} ok "
+              f"({time.perf_counter() - t0:.1f} s)")
+    checks.check_fp8(mesh, seed=args.world)
+    print(f"rank {args.rank}/{args.world}: fp8 ok")
+    checks.check_scan_rounds(mesh)
+    print(f"rank {args.rank}/{args.world}: padded scan_20_rounds ok")
     return 0
 
 

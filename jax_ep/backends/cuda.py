@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from jax_ep import _ext
 from jax_ep._vma import make_varying, varying_axes
-from jax_ep.config import EPConfig, Sizes
+from jax_ep.config import EPConfig, Sizes, fp8_scale_cols
 from jax_ep.coordination import GroupCoordinator
 from jax_ep.errors import EPRuntimeError
 from jax_ep.types import Handle
@@ -66,13 +66,22 @@ class CudaBackend:
                     self._ext.create_context(
                         self.group_id, dev.local_hardware_id, rank, self.num_ranks,
                         config.num_experts, config.top_k, config.max_tokens, max_capacity,
-                        self.max_row_bytes, config.num_sms, float(config.timeout_s))
+                        self.max_row_bytes, config.num_sms, float(config.timeout_s),
+                        **self._padded_limits(config))
                     self._local.append(dev.local_hardware_id)
         try:
             self._connect(slices, coordinator)
         except BaseException:
             self.close()
             raise
+
+    @staticmethod
+    def _padded_limits(config: EPConfig) -> dict:
+        """Sizes of the padded-layout buffers (none without EPConfig.low_latency)."""
+        if not config.low_latency:
+            return {}
+        return dict(ll_max_tokens=config.max_tokens,
+                    ll_scale_cols=fp8_scale_cols(config.hidden_size))
 
     def _connect(self, slices: dict[Any, list[jax.Device]], coord: GroupCoordinator) -> None:
         # The coordinator already checked that every process created this same group (in

@@ -1,0 +1,440 @@
+// The padded (low-latency) layout: one round trip per call, no count exchange before the data.
+//
+// Dispatch-kind call (dispatch, and redispatch along a PaddedHandle):
+//   Send (warps own (expert, share) items): the warp scans the source's tokens for its expert,
+//   numbers the hits in token order (their position p), writes each of its share of the rows,
+//   weights and scales straight to their final slot [l][s][p] in the expert rank's buffer, and
+//   the last warp of the expert publishes the count word (call tag << 32 | rows) with a release
+//   store: receivers wait on that word only.
+//   Receive (warps own contiguous padded rows): waits for each (local expert, source) count word,
+//   copies the rows below the count into XLA's output and zero-fills the rest.
+// Combine-kind call:
+//   Send: each row below its count goes back to the source rank's buffer at [expert][p]; the last
+//   block releases one flag per rank.
+//   Reduce (warps own (token, segment) items): sums the token's delivered slots in slot order in
+//   float32 with the fused scales. Fixed order, no atomics: deterministic.
+// Every region is double-buffered by the call's sequence parity: a peer can only be one call of
+// a kind ahead of us (it waits on our words of the call we are in), so it never writes the half
+// we are reading. Sequences live on the device (LowLatencySignal) and are advanced by each
+// call's last kernel: CUDA-graph replay behaves like a fresh launch.
+#include "cuda/device_utils.cuh"
+#include "cuda/lowlat.h"
+#include "cuda/vec16.cuh"
+
+namespace jax_ep {
+namespace {
+
+constexpr int kThreads = 1024;
+constexpr int kReduceThreads = 512;
+constexpr int kKindDispatch = 0, kKindCombine = 1;
+// block_counter slots of LowLatencySignal
+constexpr int kCounterDispatchRecv = 0, kCounterCombineSend = 1, kCounterCombineReduce = 2;
+
+struct DispatchParams {
+  CommEnv env;
+  PaddedShape shape;
+  const int4* x;
+  const float* x_scales;
+  const int32_t* ids;
+  const float* slot_values;
+  int4* out_x;
+  float* out_values;
+  float* out_scales;
+  int32_t* recv_counts;
+  int32_t* group_sizes;
+  int32_t* num_dropped;
+  int32_t* slot_expert;
+  int32_t* slot_pos;
+};
+
+struct CombineParams {
+  CommEnv env;
+  PaddedShape shape;
+  const int4* rows;
+  const float* row_scale;
+  const float* row_values;
+  const int32_t* recv_counts;
+  const int32_t* slot_expert;
+  const int32_t* slot_pos;
+  int4* out;
+  float* slot_values;
+};
+
+__device__ __forceinline__ LowLatencySignal* LLSignal(const CommEnv& env) {
+  return At<LowLatencySignal>(env, env.rank, env.layout.ll_signal);
+}
+
+// This call's sequence number for a kind: one past the calls the kind has completed.
+__device__ __forceinline__ unsigned long long LLSeq(const CommEnv& env, int kind) {
+  return *reinterpret_cast<volatile unsigned long long*>(&LLSignal(env)->seq[kind]) + 1;
+}
+
+__device__ __forceinline__ unsigned long long CountWord(unsigned long long seq, int rows) {
+  return (static_cast<unsigned long long>(static_cast<unsigned int>(seq)) << 32) |
+         static_cast<unsigned int>(rows);
+}
+
+// Waits until the count word carries this call's tag; returns its row count, or 0 when the
+// wait timed out (reported) or the group is poisoned.
+__device__ int WaitCount(const CommEnv& env, const unsigned long long* word,
+                         unsigned long long seq, int peer) {
+  const unsigned int tag = static_cast<unsigned int>(seq);
+  unsigned long long v = LoadAcquireSys(word);
+  if (static_cast<unsigned int>(v >> 32) != tag) {
+    const unsigned long long start = GlobalTimerNs();
+    while (static_cast<unsigned int>((v = LoadAcquireSys(word)) >> 32) != tag) {
+      if (Poisoned(env)) return 0;
+      if (GlobalTimerNs() - start > env.timeout_ns) {
+        ReportTimeout(env, kPhaseLowLatencyDispatch, peer, seq);
+        return 0;
+      }
+      __nanosleep(64);
+    }
+  }
+  return static_cast<int>(v & 0xffffffffu);
+}
+
+__device__ __forceinline__ unsigned LanesBelow(int lane) { return (1u << lane) - 1u; }
+
+// --- dispatch-kind --------------------------------------------------------------------------
+
+__global__ void __launch_bounds__(kThreads) DispatchSendKernel(DispatchParams p) {
+  const CommEnv& env = p.env;
+  const PaddedShape& s = p.shape;
+  const CommLayout& L = env.layout;
+  if (Poisoned(env)) return;
+  const unsigned long long seq = LLSeq(env, kKindDispatch);
+  const int half = static_cast<int>(seq & 1);
+  const int lane = Lane();
+  const int k = s.top_k, n = env.num_ranks, m = s.max_tokens;
+  const int vecs = static_cast<int>(s.row_bytes / 16);
+  const int sc = s.scale_cols;
+
+  // Slots that are not delivered (unrouted, invalid, or a repeat of an earlier slot's expert).
+  if (p.slot_expert) {
+    for (int f = blockIdx.x * blockDim.x + threadIdx.x; f < s.tokens * k;
+         f += gridDim.x * blockDim.x) {
+      const int e = p.ids[f];
+      bool delivered = e >= 0 && e < s.num_experts;
+      for (int j = f - f % k; delivered && j < f; ++j) delivered = p.ids[j] != e;
+      if (!delivered) p.slot_expert[f] = p.slot_pos[f] = -1;
+    }
+  }
+
+  // Item (expert e, share g of its rows): G warps per expert when there are enough warps.
+  const int shares = NumWarps() / s.num_experts > 1 ? NumWarps() / s.num_experts : 1;
+  unsigned int* counters = At<unsigned int>(env, env.rank, L.ll_expert_counter);
+  for (int item = GlobalWarp(); item < s.num_experts * shares; item += NumWarps()) {
+    const int e = item / shares, g = item % shares;
+    const int d = e / s.experts_local, l = e % s.experts_local;
+    const long long pair = static_cast<long long>(l) * n + env.rank;  // (l, this source) on d
+    int4* rows = At<int4>(env, d, L.ll_disp_rows[half]);
+    float* values = At<float>(env, d, L.ll_disp_w[half]);
+    float* scales = At<float>(env, d, L.ll_disp_scales[half]);
+    int carry = 0, repeats = 0;
+    for (int t0 = 0; t0 < s.tokens; t0 += kWarp) {
+      const int t = t0 + lane;
+      int first = -1, hits = 0;
+      if (t < s.tokens) {
+        for (int j = 0; j < k; ++j) {
+          if (p.ids[t * k + j] == e) {
+            if (first < 0) first = j;
+            ++hits;
+          }
+        }
+      }
+      const unsigned hit_mask = __ballot_sync(0xffffffffu, first >= 0);
+      const int pos = carry + __popc(hit_mask & LanesBelow(lane));
+      if (first >= 0) {
+        repeats += hits - 1;
+        if (g == 0 && p.slot_expert) {
+          p.slot_expert[t * k + first] = e;
+          p.slot_pos[t * k + first] = pos;
+        }
+      }
+      // Rows p = g, g + G, ... of this expert are this warp's share.
+      const unsigned mine = __ballot_sync(0xffffffffu, first >= 0 && pos % shares == g);
+      for (unsigned mm = mine; mm; mm &= mm - 1) {
+        const int b = __ffs(mm) - 1;
+        const int tb = t0 + b;
+        const int pb = __shfl_sync(0xffffffffu, pos, b);
+        const int jb = __shfl_sync(0xffffffffu, first, b);
+        const long long slot = pair * m + pb;
+        if (p.x) {
+          WarpCopyRow(rows + slot * vecs, p.x + static_cast<long long>(tb) * vecs, vecs, lane);
+        }
+        if (p.x_scales) {
+          for (int c = lane; c < sc; c += kWarp) {
+            scales[slot * sc + c] = p.x_scales[static_cast<long long>(tb) * sc + c];
+          }
+        }
+        if (p.slot_values && lane == 0) values[slot] = p.slot_values[tb * k + jb];
+      }
+      carry += __popc(hit_mask);
+    }
+#pragma unroll
+    for (int o = kWarp / 2; o > 0; o >>= 1) repeats += __shfl_xor_sync(0xffffffffu, repeats, o);
+    // The last of the expert's warps publishes the count once every share's rows are visible:
+    // each warp fences before counting itself in, the last fences again before its release.
+    __syncwarp();
+    if (lane == 0) {
+      __threadfence_system();
+      if (atomicAdd(&counters[e], 1u) == static_cast<unsigned int>(shares - 1)) {
+        counters[e] = 0;
+        At<int32_t>(env, d, L.ll_disp_dups[half])[pair] = repeats;
+        __threadfence_system();
+        StoreReleaseSys(At<unsigned long long>(env, d, L.ll_disp_flag[half]) + pair,
+                        CountWord(seq, carry));
+      }
+    }
+    __syncwarp();
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) DispatchRecvKernel(DispatchParams p) {
+  const CommEnv& env = p.env;
+  const PaddedShape& s = p.shape;
+  const CommLayout& L = env.layout;
+  const unsigned long long seq = LLSeq(env, kKindDispatch);
+  const int half = static_cast<int>(seq & 1);
+  const int lane = Lane();
+  const int n = env.num_ranks, m = s.max_tokens;
+  const int vecs = static_cast<int>(s.row_bytes / 16);
+  const int sc = s.scale_cols;
+  const unsigned long long* words = At<unsigned long long>(env, env.rank, L.ll_disp_flag[half]);
+  const int4* rows = At<int4>(env, env.rank, L.ll_disp_rows[half]);
+  const float* values = At<float>(env, env.rank, L.ll_disp_w[half]);
+  const float* scales = At<float>(env, env.rank, L.ll_disp_scales[half]);
+  const bool alive = !Poisoned(env);
+
+  // The buffer and the output share the index: row r = (l * N + s) * M + p.
+  const long long total = static_cast<long long>(s.experts_local) * n * m;
+  const long long per_warp = (total + NumWarps() - 1) / NumWarps();
+  const long long begin = GlobalWarp() * per_warp;
+  const long long end = begin + per_warp < total ? begin + per_warp : total;
+  long long cached_pair = -1;
+  int count = 0;
+  for (long long r = begin; r < end; ++r) {
+    const long long pair = r / m;
+    const int pos = static_cast<int>(r % m);
+    if (pair != cached_pair) {
+      int c = 0;
+      if (lane == 0 && alive) c = WaitCount(env, words + pair, seq, static_cast<int>(pair % n));
+      count = __shfl_sync(0xffffffffu, c, 0);
+      cached_pair = pair;
+      if (pos == 0 && lane == 0 && p.recv_counts) p.recv_counts[pair] = count;
+    }
+    const bool has = pos < count;
+    if (p.out_x) {
+      int4* dst = p.out_x + r * vecs;
+      if (has) {
+        const int4* src = rows + r * vecs;
+        for (int v = lane; v < vecs; v += kWarp) dst[v] = __ldcg(src + v);
+      } else {
+        WarpZeroRow(dst, vecs, lane);
+      }
+    }
+    if (p.out_scales) {
+      for (int c = lane; c < sc; c += kWarp) {
+        p.out_scales[r * sc + c] = has ? __ldcg(&scales[r * sc + c]) : 0.0f;
+      }
+    }
+    if (p.out_values && lane == 0) p.out_values[r] = has ? __ldcg(&values[r]) : 0.0f;
+  }
+
+  if (LastBlockDone(&LLSignal(env)->block_counter[kCounterDispatchRecv])) {
+    // Every count word of this call has arrived (or the group is dead): the per-expert sums.
+    __shared__ int dropped;
+    if (threadIdx.x == 0) dropped = 0;
+    __syncthreads();
+    const int32_t* dups = At<int32_t>(env, env.rank, L.ll_disp_dups[half]);
+    for (int l = threadIdx.x; l < s.experts_local; l += blockDim.x) {
+      int sum = 0, drop = 0;
+      for (int src = 0; src < n; ++src) {
+        const unsigned long long w = LoadAcquireSys(words + static_cast<long long>(l) * n + src);
+        if (static_cast<unsigned int>(w >> 32) == static_cast<unsigned int>(seq)) {
+          sum += static_cast<int>(w & 0xffffffffu);
+          drop += __ldcg(&dups[l * n + src]);
+        }
+      }
+      if (p.group_sizes) p.group_sizes[l] = sum;
+      atomicAdd(&dropped, drop);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      if (p.num_dropped) *p.num_dropped = dropped;
+      LLSignal(env)->seq[kKindDispatch] = seq;
+    }
+  }
+}
+
+// --- combine-kind ---------------------------------------------------------------------------
+
+__global__ void __launch_bounds__(kThreads) CombineSendKernel(CombineParams p) {
+  const CommEnv& env = p.env;
+  const PaddedShape& s = p.shape;
+  const CommLayout& L = env.layout;
+  const unsigned long long seq = LLSeq(env, kKindCombine);
+  const int half = static_cast<int>(seq & 1);
+  const int lane = Lane();
+  const int n = env.num_ranks, m = s.max_tokens;
+  const int vecs = static_cast<int>(s.row_bytes / 16);
+  if (!Poisoned(env)) {
+    // Grid-stride over rows, so the few used rows at the front of each block spread over warps.
+    const long long total = static_cast<long long>(s.experts_local) * n * m;
+    for (long long r = GlobalWarp(); r < total; r += NumWarps()) {
+      const long long pair = r / m;
+      const int pos = static_cast<int>(r % m);
+      if (pos >= p.recv_counts[pair]) continue;
+      const int l = static_cast<int>(pair / n), src = static_cast<int>(pair % n);
+      const long long slot = static_cast<long long>(env.rank * s.experts_local + l) * m + pos;
+      if (p.rows) {
+        WarpCopyRow(At<int4>(env, src, L.ll_comb_rows[half]) + slot * vecs, p.rows + r * vecs,
+                    vecs, lane);
+      }
+      if (lane == 0) {
+        if (p.row_scale) At<float>(env, src, L.ll_comb_scale[half])[slot] = p.row_scale[r];
+        if (p.row_values) At<float>(env, src, L.ll_comb_value[half])[slot] = p.row_values[r];
+      }
+    }
+  }
+  if (LastBlockDone(&LLSignal(env)->block_counter[kCounterCombineSend])) {
+    const int d = threadIdx.x;
+    if (d < n && d != env.rank) {
+      StoreReleaseSys(At<unsigned long long>(env, d, L.ll_comb_flag[half]) + env.rank, seq);
+    }
+  }
+}
+
+constexpr int kPerLane = 2;                    // 16-byte vectors per lane per segment
+constexpr int kSegVecs = kPerLane * kWarp;     // vectors per (token, segment) item
+constexpr int kGroup = 4;                      // slots loaded before they are summed
+
+template <typename T>
+__global__ void __launch_bounds__(kReduceThreads) CombineReduceKernel(CombineParams p) {
+  using V = Vec16F32<T>;
+  const CommEnv& env = p.env;
+  const PaddedShape& s = p.shape;
+  const CommLayout& L = env.layout;
+  const unsigned long long seq = LLSeq(env, kKindCombine);
+  const int half = static_cast<int>(seq & 1);
+  const int lane = Lane();
+  const int k = s.top_k, m = s.max_tokens;
+  const int vecs = static_cast<int>(s.row_bytes / 16);
+  const bool ok = BlockWaitPeers(env, At<unsigned long long>(env, env.rank, L.ll_comb_flag[half]),
+                                 seq, kPhaseLowLatencyCombine);
+  const int4* rows = At<int4>(env, env.rank, L.ll_comb_rows[half]);
+  const float* scales = At<float>(env, env.rank, L.ll_comb_scale[half]);
+  const float* values = At<float>(env, env.rank, L.ll_comb_value[half]);
+  const int segments = p.out ? (vecs + kSegVecs - 1) / kSegVecs : 1;
+
+  for (int item = ok ? GlobalWarp() : s.tokens * segments; item < s.tokens * segments;
+       item += NumWarps()) {
+    const int t = item / segments, seg = item % segments;
+    // Lane j < k describes slot j: where its row is and its scale.
+    long long slot = -1;
+    float scale = 1.0f;
+    if (lane < k) {
+      const int e = p.slot_expert[t * k + lane];
+      if (e >= 0) {
+        slot = static_cast<long long>(e) * m + p.slot_pos[t * k + lane];
+        if (p.row_scale) scale = __ldcg(&scales[slot]);
+      }
+      if (p.slot_values && seg == 0) {
+        p.slot_values[t * k + lane] = slot >= 0 ? __ldcg(&values[slot]) : 0.0f;
+      }
+    }
+    if (!p.out) continue;
+    const int v0 = seg * kSegVecs + lane;
+    float acc[kPerLane][V::kN];
+#pragma unroll
+    for (int u = 0; u < kPerLane; ++u)
+#pragma unroll
+      for (int i = 0; i < V::kN; ++i) acc[u][i] = 0.0f;
+    for (unsigned mm = __ballot_sync(0xffffffffu, slot >= 0); mm;) {
+      int4 loaded[kGroup][kPerLane];
+      float sc[kGroup];
+      int got = 0;
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) {
+        if (mm) {
+          const int j = __ffs(mm) - 1;
+          mm &= mm - 1;
+          const long long sj = __shfl_sync(0xffffffffu, slot, j);
+          sc[g] = __shfl_sync(0xffffffffu, scale, j);
+          const int4* src = rows + sj * vecs;
+#pragma unroll
+          for (int u = 0; u < kPerLane; ++u) {
+            const int v = v0 + u * kWarp;
+            if (v < vecs) loaded[g][u] = __ldcg(src + v);
+          }
+          got = g + 1;
+        }
+      }
+      // Slot by slot in slot order: the sum is deterministic.
+#pragma unroll
+      for (int g = 0; g < kGroup; ++g) {
+        if (g < got) {
+#pragma unroll
+          for (int u = 0; u < kPerLane; ++u) {
+            if (v0 + u * kWarp < vecs) {
+              float xv[V::kN];
+              V::Load(loaded[g][u], xv);
+#pragma unroll
+              for (int i = 0; i < V::kN; ++i) acc[u][i] += sc[g] * xv[i];
+            }
+          }
+        }
+      }
+    }
+    int4* dst = p.out + static_cast<long long>(t) * vecs;
+#pragma unroll
+    for (int u = 0; u < kPerLane; ++u) {
+      const int v = v0 + u * kWarp;
+      if (v < vecs) dst[v] = V::Store(acc[u]);
+    }
+  }
+  if (LastBlockDone(&LLSignal(env)->block_counter[kCounterCombineReduce]) && threadIdx.x == 0) {
+    LLSignal(env)->seq[kKindCombine] = seq;
+  }
+}
+
+int Blocks(const PaddedShape& s) { return s.num_blocks > 0 ? s.num_blocks : 1; }
+
+template <typename T>
+cudaError_t LaunchReduce(const CombineParams& p, cudaStream_t stream) {
+  CombineReduceKernel<T><<<Blocks(p.shape), kReduceThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t LaunchPaddedDispatch(const PaddedDispatchArgs& a, cudaStream_t stream) {
+  if (a.env.layout.ll_max_tokens <= 0) return cudaErrorInvalidValue;
+  DispatchParams p{a.env, a.shape, static_cast<const int4*>(a.x), a.x_scales, a.ids,
+                   a.slot_values, static_cast<int4*>(a.out_x), a.out_values, a.out_scales,
+                   a.recv_counts, a.group_sizes, a.num_dropped, a.slot_expert, a.slot_pos};
+  DispatchSendKernel<<<Blocks(a.shape), kThreads, 0, stream>>>(p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  DispatchRecvKernel<<<Blocks(a.shape), kThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t LaunchPaddedCombine(const PaddedCombineArgs& a, cudaStream_t stream) {
+  if (a.env.layout.ll_max_tokens <= 0) return cudaErrorInvalidValue;
+  CombineParams p{a.env, a.shape, static_cast<const int4*>(a.rows), a.row_scale, a.row_values,
+                  a.recv_counts, a.slot_expert, a.slot_pos, static_cast<int4*>(a.out),
+                  a.slot_values};
+  CombineSendKernel<<<Blocks(a.shape), kThreads, 0, stream>>>(p);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  switch (a.elem) {
+    case ElemType::kF32: return LaunchReduce<float>(p, stream);
+    case ElemType::kBF16: return LaunchReduce<__nv_bfloat16>(p, stream);
+    case ElemType::kF16: return LaunchReduce<__half>(p, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace jax_ep

@@ -1,0 +1,84 @@
+"""The padded (low-latency) layout and fp8 dispatch: the GPU checks of
+tests/cuda_padded_checks.py on the cuda backend (marker `gpu`: one GPU, and N = 2, 4, 8
+processes sharing it), and the same checks on the reference backend on CPU."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from tests import cuda_padded_checks as checks
+from tests import harness, mp_launch
+
+
+def one_gpu_mesh() -> Mesh:
+    return Mesh(np.array(jax.devices("gpu")[:1]), ("expert",))
+
+
+# --- CPU: the checks themselves are right ------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", checks.CASES[:3] + checks.CASES[4:8], ids=lambda c: c.name)
+def test_checks_pass_on_reference(case):
+    assert checks.check_case(harness.make_mesh(4), case, backend="reference") == 4
+
+
+def test_fp8_check_passes_on_reference():
+    assert checks.check_fp8(harness.make_mesh(4), backend="reference") == 4
+
+
+def test_scan_check_passes_on_reference():
+    assert checks.check_scan_rounds(harness.make_mesh(2), rounds=4, backend="reference") == 2
+
+
+# --- GPU ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", checks.CASES, ids=lambda c: c.name)
+def test_one_gpu_padded_equals_oracle(case):
+    assert checks.check_case(one_gpu_mesh(), case) == 1
+
+
+@pytest.mark.gpu
+def test_one_gpu_fp8_equals_oracle():
+    assert checks.check_fp8(one_gpu_mesh()) == 1
+
+
+@pytest.mark.gpu
+def test_one_gpu_padded_scan_of_20_rounds():
+    assert checks.check_scan_rounds(one_gpu_mesh()) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", checks.CASES[:4], ids=lambda c: c.name)
+def test_one_gpu_padded_equals_reference_backend(case):
+    import jax_ep
+
+    mesh = one_gpu_mesh()
+    rng = np.random.default_rng(5)
+    idx, w = checks.routing_for(case, 1, rng)
+    x = harness.random_tokens(rng, 1, case.tokens, case.hidden, case.dtype)
+    results = []
+    for backend in ("cuda", "reference"):
+        group = checks.make_group(mesh, case, backend=backend)
+
+        def fn(a, b, c, group=group):
+            d = jax_ep.dispatch(group, a, b, c, layout="padded")
+            return d, jax_ep.combine(group, d.x, d.handle, weights=d.weights)
+
+        results.append(jax.tree.map(np.asarray, harness.per_rank(mesh, fn)(x, idx, w)))
+        group.close()
+    (d, y), (d_ref, y_ref) = results
+    for a, b in zip(jax.tree.leaves(d), jax.tree.leaves(d_ref)):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+    harness.assert_combine_close(y, np.asarray(y_ref, np.float64), case.dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [2, 4, 8])
+def test_processes_sharing_the_gpu_padded(world):
+    results = mp_launch.launch("tests.mp_worker", world, ["--mode", "padded"], timeout_s=540)
+    for rank, (code, out) in enumerate(results):
+        assert code == 0, f"rank {rank} exited {code}:\n{out[-4000:]}"
+        assert "padded scan_20_rounds ok" in out

@@ -122,11 +122,16 @@ def bench_tokens(t, args, mesh, to_global):
     rng = np.random.default_rng(t)
     inputs = tuple(to_global(a) for a in host_inputs(rng, world, t, h, k, e, rounds))
     rows = []
-    variants = [("padded", False)] + ([("padded", True)] if args.fp8 else []) + (
-        [("normal", False)] + ([("normal", True)] if args.fp8 else []) if args.normal else [])
-    for layout, fp8 in variants:
+    # (layout, fp8 rows, zero-filled padding): the padded layout with and without zeroing the
+    # E_local * N * M - received rows (EPConfig.padded_zero_fill).
+    variants = [("padded", False, True), ("padded", False, False)] + (
+        [("padded", True, False)] if args.fp8 else []) + (
+        [("normal", False, True)] + ([("normal", True, True)] if args.fp8 else [])
+        if args.normal else [])
+    for layout, fp8, zero_fill in variants:
         cfg = jax_ep.EPConfig(num_experts=e, top_k=k, max_tokens=t, hidden_size=h,
-                              num_sms=args.num_sms, low_latency=layout == "padded")
+                              num_sms=args.num_sms, low_latency=layout == "padded",
+                              padded_zero_fill=zero_fill)
         group = jax_ep.EPGroup(mesh, "expert", cfg, backend=args.backend)
         try:
             only_d, d_and_c = programs(group, mesh, layout, fp8, rounds)
@@ -135,20 +140,22 @@ def bench_tokens(t, args, mesh, to_global):
             group.check()
         finally:
             group.close()
-        rows.append(dict(T=t, H=h, k=k, E=e, world=world, layout=layout,
+        rows.append(dict(T=t, H=h, k=k, E=e, world=world, layout=layout, zero_fill=zero_fill,
                          rows_dtype="float8_e4m3fn" if fp8 else "bfloat16", rounds=rounds,
                          dispatch_us=t_d / rounds * 1e6, combine_us=(t_dc - t_d) / rounds * 1e6,
                          round_us=t_dc / rounds * 1e6))
-        print(f"[rank {args.rank}] T={t} {layout} {'fp8' if fp8 else 'bf16'} done", flush=True)
+        print(f"[rank {args.rank}] T={t} {layout} {'fp8' if fp8 else 'bf16'} "
+              f"zero_fill={zero_fill} done", flush=True)
     return rows
 
 
 def print_table(rows):
-    print(f"\n{'world':>5s} {'T':>5s} {'layout':8s} {'rows':6s} {'dispatch us':>12s} "
+    print(f"\n{'world':>5s} {'T':>5s} {'layout':8s} {'rows':6s} {'zeros':5s} {'dispatch us':>12s} "
           f"{'combine us':>11s} {'round us':>9s}")
     for r in rows:
         dt = "fp8" if r["rows_dtype"].startswith("float8") else "bf16"
-        print(f"{r['world']:5d} {r['T']:5d} {r['layout']:8s} {dt:6s} {r['dispatch_us']:12.1f} "
+        zeros = "yes" if r["zero_fill"] else "no"
+        print(f"{r['world']:5d} {r['T']:5d} {r['layout']:8s} {dt:6s} {zeros:5s} {r['dispatch_us']:12.1f} "
               f"{r['combine_us']:11.1f} {r['round_us']:9.1f}")
 
 

@@ -40,6 +40,7 @@ struct CommLimits {
   int64_t max_row_bytes;   // hidden_size * itemsize of the widest dtype
   int ll_max_tokens = 0;   // M of the padded layout; 0: no padded-layout buffers
   int ll_scale_cols = 0;   // float32 scales per fp8 row (ceil(hidden_size / 128))
+  bool ll_zero_fill = true;  // zero the padded rows past each (expert, source) count
 };
 
 // Byte offsets into the communication buffer. Shared regions (peers write them):

@@ -225,11 +225,14 @@ __global__ void __launch_bounds__(kThreads) DispatchRecvKernel(DispatchParams p)
       if (pos == 0 && lane == 0 && p.recv_counts) p.recv_counts[pair] = count;
     }
     const bool has = pos < count;
+    if (!has && !s.zero_fill) {  // the rest of this (expert, source) block stays unwritten
+      r = (pair + 1) * m - 1;
+      continue;
+    }
     if (p.out_x) {
       int4* dst = p.out_x + r * vecs;
       if (has) {
-        const int4* src = rows + r * vecs;
-        for (int v = lane; v < vecs; v += kWarp) dst[v] = __ldcg(src + v);
+        WarpCopyRow<true>(dst, rows + r * vecs, vecs, lane);
       } else {
         WarpZeroRow(dst, vecs, lane);
       }

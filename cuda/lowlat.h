@@ -22,6 +22,7 @@ struct PaddedShape {
   int64_t row_bytes;  // H * itemsize (a multiple of 16); 0 when no rows move
   int scale_cols;     // float32 scales per row (fp8 dispatch); 0 when none move
   int num_blocks;     // SM budget
+  bool zero_fill;     // zero the rows past each (expert, source) count (EPConfig.padded_zero_fill)
 };
 
 // Dispatch-kind call: each routed slot of ids goes to the rank of its expert, at the slot's

@@ -81,7 +81,7 @@ void FreeContext(Context& ctx) {
 
 void CreateContext(int64_t group_id, int device, int rank, int num_ranks, int num_experts,
                    int top_k, int max_tokens, int64_t max_capacity, int64_t max_row_bytes,
-                   int num_blocks, double timeout_s, int ll_max_tokens, int ll_scale_cols) {
+                   int num_blocks, double timeout_s, int ll_max_tokens, int ll_scale_cols, bool ll_zero_fill) {
   if (num_ranks < 1 || num_ranks > kMaxRanks) {
     throw std::invalid_argument("jax_ep: the cuda backend supports 1 to " +
                                 std::to_string(kMaxRanks) + " ranks per group");
@@ -98,6 +98,7 @@ void CreateContext(int64_t group_id, int device, int rank, int num_ranks, int nu
   ctx->limits = CommLimits{num_ranks, num_experts, top_k, max_tokens, max_capacity, max_row_bytes};
   ctx->limits.ll_max_tokens = ll_max_tokens;
   ctx->limits.ll_scale_cols = ll_scale_cols;
+  ctx->limits.ll_zero_fill = ll_zero_fill;
   ctx->layout = ComputeCommLayout(ctx->limits);
   ctx->num_blocks = num_blocks;
   ctx->timeout_ns = static_cast<unsigned long long>(timeout_s * 1e9);
@@ -245,7 +246,7 @@ void BindGroupState(nb::module_& m) {
   m.def("create_context", &CreateContext, nb::arg("group_id"), nb::arg("device"), nb::arg("rank"),
         nb::arg("num_ranks"), nb::arg("num_experts"), nb::arg("top_k"), nb::arg("max_tokens"),
         nb::arg("max_capacity"), nb::arg("max_row_bytes"), nb::arg("num_blocks"),
-        nb::arg("timeout_s"), nb::arg("ll_max_tokens") = 0, nb::arg("ll_scale_cols") = 0,
+        nb::arg("timeout_s"), nb::arg("ll_max_tokens") = 0, nb::arg("ll_scale_cols") = 0, nb::arg("ll_zero_fill") = true,
         "Allocates one rank's communication buffer on `device` (with the padded-layout "
         "regions when ll_max_tokens > 0).");
   m.def("ipc_handle", &IpcHandle, "The CUDA IPC handle of a context's buffer (bytes).");

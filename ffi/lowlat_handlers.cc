@@ -69,6 +69,7 @@ ffi::ErrorOr<PaddedShape> Shape(const Context& ctx, int64_t tokens, int64_t top_
   s.row_bytes = row_bytes;
   s.scale_cols = static_cast<int>(scale_cols);
   s.num_blocks = ctx.num_blocks;
+  s.zero_fill = lim.ll_zero_fill;
   return s;
 }
 

@@ -43,6 +43,12 @@ class EPConfig:
       low_latency: enables `dispatch(..., layout="padded")` (the static decode layout, one round
         trip). Needs max_tokens; the cuda backend then also allocates the padded-layout buffers,
         2 * E * max_tokens rows for dispatch and as many for combine (double-buffered halves).
+      padded_zero_fill: the padded layout's rows past each (expert, source) count are zero
+        (True, the contract of every layout), or left unwritten (False: the decode fast path; at
+        E_local * N * max_tokens rows, zeroing the padding costs far more than moving the data).
+        combine and the gradients never read those rows either way; a grouped GEMM over the
+        padded rows must then mask by Dispatched.recv_counts. The reference backend always
+        writes zeros.
     """
 
     num_experts: int
@@ -56,6 +62,7 @@ class EPConfig:
     timeout_s: float = 30.0
     debug: bool = False
     low_latency: bool = False
+    padded_zero_fill: bool = True
 
     def __post_init__(self) -> None:
         def positive_int(name: str, value: Any) -> None:

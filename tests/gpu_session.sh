@@ -25,7 +25,7 @@ stage() {  # stage NAME LIMIT_S CMD...
   timeout -k 10 "$limit" "$@" >"$LOGS/$name.log" 2>&1
   local rc=$?
   echo "== $name: rc=$rc in $(( $(date +%s) - t0 )) s"
-  grep -E "passed|failed|error|Error|FAILED|ok \(|timed out|^shape|^[a-z_0-9]+ +(dispatch|combine|d\+c)" "$LOGS/$name.log" | tail -40
+  grep -E "passed|failed|error|Error|FAILED|ok \(|timed out|^shape|^[a-z_0-9]+ +(dispatch|combine|d\+c)|^ +[0-9]+ +[0-9]+ +(padded|normal)|^(dispatch|combine) " "$LOGS/$name.log" | tail -40
 }
 
 for s in "$@"; do
@@ -56,6 +56,10 @@ for s in "$@"; do
         --reps 10 --trials 5 --out "$LOGS" --tag _decode
       stage bench8_large 200 python3 bench/run_world.py 8 --mps --num-sms 8 --shapes \
         deepseek_v3,mixtral --tokens 512 --reps 4 --trials 5 --out "$LOGS" --tag _t512 ;;
+    lowlat1) stage lowlat1 240 python3 bench/bench_lowlat.py --fp8 --normal --num-sms ${LL_SMS:-24} \
+        --out "$LOGS" ;;
+    lowlat8) stage lowlat8 240 python3 bench/bench_lowlat.py --world 8 --mps --num-sms 8 \
+        --rounds 20 --trials 5 --out "$LOGS" ;;
     multigpu)  # several GPUs, one process driving them all (issue 8), against XLA and peer copy
       stage multigpu 300 python3 bench/bench_multigpu.py --out "$LOGS" ${BENCH_ARGS:-} ;;
     ncu)  # per-kernel device time and DRAM bytes of one dispatch + combine per shape

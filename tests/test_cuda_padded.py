@@ -82,3 +82,38 @@ def test_processes_sharing_the_gpu_padded(world):
     for rank, (code, out) in enumerate(results):
         assert code == 0, f"rank {rank} exited {code}:\n{out[-4000:]}"
         assert "padded scan_20_rounds ok" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", checks.CASES[:2], ids=lambda c: c.name)
+def test_one_gpu_padded_without_zero_fill(case):
+    """EPConfig.padded_zero_fill=False leaves the padding unwritten: the received rows, their
+    weights and counts and the combine are still those of the zero-filled reference."""
+    import jax_ep
+
+    mesh = one_gpu_mesh()
+    rng = np.random.default_rng(7)
+    idx, w = checks.routing_for(case, 1, rng)
+    x = harness.random_tokens(rng, 1, case.tokens, case.hidden, case.dtype)
+    results = []
+    for backend, zero_fill in (("cuda", False), ("reference", True)):
+        group = checks.make_group(mesh, case, backend=backend, padded_zero_fill=zero_fill)
+
+        def fn(a, b, c, group=group):
+            d = jax_ep.dispatch(group, a, b, c, layout="padded")
+            return d, jax_ep.combine(group, d.x, d.handle, weights=d.weights)
+
+        results.append(jax.tree.map(np.asarray, harness.per_rank(mesh, fn)(x, idx, w)))
+        group.close()
+    (d, y), (d_ref, y_ref) = results
+    np.testing.assert_array_equal(d.recv_counts, d_ref.recv_counts)
+    np.testing.assert_array_equal(d.group_sizes, d_ref.group_sizes)
+    counts = d_ref.recv_counts[0]  # [E_local, N]
+    m = d_ref.x.shape[2] // counts.shape[1]
+    for l in range(counts.shape[0]):
+        for s in range(counts.shape[1]):
+            rows = slice(s * m, s * m + counts[l, s])
+            np.testing.assert_array_equal(d.x[0, l, rows].view(np.uint8),
+                                          d_ref.x[0, l, rows].view(np.uint8))
+            np.testing.assert_array_equal(d.weights[0, l, rows], d_ref.weights[0, l, rows])
+    harness.assert_combine_close(y, np.asarray(y_ref, np.float64), case.dtype)

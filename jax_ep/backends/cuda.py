@@ -81,7 +81,8 @@ class CudaBackend:
         if not config.low_latency:
             return {}
         return dict(ll_max_tokens=config.max_tokens,
-                    ll_scale_cols=fp8_scale_cols(config.hidden_size))
+                    ll_scale_cols=fp8_scale_cols(config.hidden_size),
+                    ll_zero_fill=config.padded_zero_fill)
 
     def _connect(self, slices: dict[Any, list[jax.Device]], coord: GroupCoordinator) -> None:
         # The coordinator already checked that every process created this same group (in

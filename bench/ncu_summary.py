@@ -14,10 +14,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import sys
 from collections import defaultdict
 
-DISPATCH_KERNELS = ("LayoutChunksKernel", "DispatchNotifyKernel", "SendKernel", "FinalizeKernel")
+# Dispatch's kernels (normal and padded layouts); a name must not merely end in one of these
+# (CombineSendKernel is combine's).
+DISPATCH_KERNELS = re.compile(r"(?<![A-Za-z])(LayoutChunksKernel|DispatchNotifyKernel|SendKernel|"
+                              r"FinalizeKernel|DispatchSendKernel|DispatchRecvKernel)\b")
 
 
 def read_kernels(path: str) -> list[dict]:
@@ -33,7 +37,7 @@ def read_kernels(path: str) -> list[dict]:
 
 def summarise(kernels: list[dict]) -> dict:
     last_dispatch = max((i for i, k in enumerate(kernels)
-                         if any(n in k["name"] for n in DISPATCH_KERNELS)), default=-1)
+                         if DISPATCH_KERNELS.search(k["name"])), default=-1)
     ops: dict[str, dict] = {}
     for i, k in enumerate(kernels):
         op = ops.setdefault("dispatch" if i <= last_dispatch else "combine",

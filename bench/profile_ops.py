@@ -19,6 +19,8 @@ def main() -> int:
     p.add_argument("--shape", default="decode")
     p.add_argument("--num-sms", type=int, default=24)
     p.add_argument("--calls", type=int, default=2)
+    p.add_argument("--layout", default="normal", choices=["normal", "padded"])
+    p.add_argument("--zero-fill", type=int, default=0, help="padded: EPConfig.padded_zero_fill")
     p.add_argument("--side-effect", type=int, default=1)
     args = p.parse_args()
     import jax
@@ -32,12 +34,13 @@ def main() -> int:
     t, h, k, e = SHAPES[args.shape]
     mesh = Mesh(np.array(jax.devices()[:1]), ("expert",))
     cfg = jax_ep.EPConfig(num_experts=e, top_k=k, max_tokens=t, hidden_size=h,
-                          num_sms=args.num_sms)
+                          num_sms=args.num_sms, low_latency=args.layout == "padded",
+                          padded_zero_fill=bool(args.zero_fill))
     group = jax_ep.EPGroup(mesh, "expert", cfg)
     sets = [tuple(cuda_checks.to_global(a, mesh) for a in s)
             for s in make_inputs(np.random.default_rng(0), 1, t, h, k, e, sets=2)]
     dispatch = harness.per_rank(mesh, lambda x, i, w: (
-        lambda d: (d.x, d.weights, d.handle))(jax_ep.dispatch(group, x, i, w)))
+        lambda d: (d.x, d.weights, d.handle))(jax_ep.dispatch(group, x, i, w, layout=args.layout)))
     combine = harness.per_rank(mesh, lambda r, rw, hd: jax_ep.combine(group, r, hd, weights=rw))
     for s in sets:
         jax.block_until_ready(combine(*dispatch(*s)))

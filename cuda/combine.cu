@@ -125,13 +125,16 @@ struct Vec16<__half> {
 };
 
 // Slots are summed in groups of kGroup, each lane loading kPerLane vectors of every slot of
-// the group before it accumulates: kGroup * kPerLane loads in flight per lane.
-constexpr int kGroup = 4;
-constexpr int kPerLane = 2;
-constexpr int kReduceThreads = 768;  // 85 registers a thread: the loads above without spills
+// the group before it accumulates: kGroup * kPerLane = 8 loads in flight per lane. With many
+// slots a token (top-8), the group is all of them and a lane takes one vector of each (one
+// round trip per piece, the shortest pieces for decode sizes); with few (top-2), a lane takes
+// more vectors of each slot instead.
+// Threads a block: at most 85 registers a thread at 768, 128 at 512 (wide accumulators for
+// kPerLane = 4); no spills either way (ptxas -v).
+constexpr int ReduceThreads(int per_lane) { return per_lane >= 4 ? 512 : 768; }
 
-template <typename T>
-__global__ void __launch_bounds__(kReduceThreads) ReduceKernel(CombineParams p) {
+template <typename T, int kGroup, int kPerLane>
+__global__ void __launch_bounds__(ReduceThreads(kPerLane)) ReduceKernel(CombineParams p) {
   using V = Vec16<T>;
   const CommEnv& env = p.env;
   const CommLayout& L = env.layout;
@@ -232,7 +235,14 @@ int Blocks(const CallShape& s) { return s.num_blocks > 0 ? s.num_blocks : 1; }
 
 template <typename T>
 cudaError_t LaunchReduce(const CombineParams& p, cudaStream_t stream) {
-  ReduceKernel<T><<<Blocks(p.shape), kReduceThreads, 0, stream>>>(p);
+  const int k = p.shape.top_k;
+  if (k > 4) {
+    ReduceKernel<T, 8, 1><<<Blocks(p.shape), ReduceThreads(1), 0, stream>>>(p);
+  } else if (k > 2) {
+    ReduceKernel<T, 4, 2><<<Blocks(p.shape), ReduceThreads(2), 0, stream>>>(p);
+  } else {
+    ReduceKernel<T, 2, 4><<<Blocks(p.shape), ReduceThreads(4), 0, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 

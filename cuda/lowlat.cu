@@ -17,6 +17,8 @@
 // a kind ahead of us (it waits on our words of the call we are in), so it never writes the half
 // we are reading. Sequences live on the device (LowLatencySignal) and are advanced by each
 // call's last kernel: CUDA-graph replay behaves like a fresh launch.
+#include <cub/block/block_scan.cuh>
+
 #include "cuda/device_utils.cuh"
 #include "cuda/lowlat.h"
 #include "cuda/vec16.cuh"
@@ -273,6 +275,31 @@ __global__ void __launch_bounds__(kThreads) DispatchRecvKernel(DispatchParams p)
 
 // --- combine-kind ---------------------------------------------------------------------------
 
+// Exclusive prefix sums of the (local expert, source) counts in dynamic shared memory
+// ([pairs + 1] ints), computed by the whole block: kPairsPerThread consecutive pairs a thread.
+constexpr int kPairsPerThread = (kMaxExperts + kThreads - 1) / kThreads;
+__device__ int* PairStarts(const int32_t* __restrict__ counts, int pairs) {
+  using Scan = cub::BlockScan<int, kThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  extern __shared__ int starts[];
+  int v[kPairsPerThread];
+#pragma unroll
+  for (int i = 0; i < kPairsPerThread; ++i) {
+    const int q = threadIdx.x * kPairsPerThread + i;
+    v[i] = q < pairs ? counts[q] : 0;
+  }
+  int total;
+  Scan(scan_storage).ExclusiveSum(v, v, total);
+#pragma unroll
+  for (int i = 0; i < kPairsPerThread; ++i) {
+    const int q = threadIdx.x * kPairsPerThread + i;
+    if (q < pairs) starts[q] = v[i];
+  }
+  if (threadIdx.x == 0) starts[pairs] = total;
+  __syncthreads();
+  return starts;
+}
+
 __global__ void __launch_bounds__(kThreads) CombineSendKernel(CombineParams p) {
   const CommEnv& env = p.env;
   const PaddedShape& s = p.shape;
@@ -283,12 +310,21 @@ __global__ void __launch_bounds__(kThreads) CombineSendKernel(CombineParams p) {
   const int n = env.num_ranks, m = s.max_tokens;
   const int vecs = static_cast<int>(s.row_bytes / 16);
   if (!Poisoned(env)) {
-    // Grid-stride over rows, so the few used rows at the front of each block spread over warps.
-    const long long total = static_cast<long long>(s.experts_local) * n * m;
-    for (long long r = GlobalWarp(); r < total; r += NumWarps()) {
-      const long long pair = r / m;
-      const int pos = static_cast<int>(r % m);
-      if (pos >= p.recv_counts[pair]) continue;
+    // Only the rows below each (local expert, source) count go back: the block scans the
+    // counts into shared memory once, then warps take received rows i = 0 .. total - 1 in a
+    // grid stride and find their (pair, position) by binary search, never visiting padding.
+    const int pairs = s.experts_local * n;
+    int* start = PairStarts(p.recv_counts, pairs);  // [pairs + 1], start[pairs] = total
+    const int total = start[pairs];
+    for (int i = GlobalWarp(); i < total; i += NumWarps()) {
+      int lo = 0, hi = pairs;  // the last pair whose start is <= i
+      while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (start[mid] <= i) lo = mid; else hi = mid;
+      }
+      const long long pair = lo;
+      const int pos = i - start[lo];
+      const long long r = pair * m + pos;
       const int l = static_cast<int>(pair / n), src = static_cast<int>(pair % n);
       const long long slot = static_cast<long long>(env.rank * s.experts_local + l) * m + pos;
       if (p.rows) {
@@ -429,7 +465,8 @@ cudaError_t LaunchPaddedCombine(const PaddedCombineArgs& a, cudaStream_t stream)
   CombineParams p{a.env, a.shape, static_cast<const int4*>(a.rows), a.row_scale, a.row_values,
                   a.recv_counts, a.slot_expert, a.slot_pos, static_cast<int4*>(a.out),
                   a.slot_values};
-  CombineSendKernel<<<Blocks(a.shape), kThreads, 0, stream>>>(p);
+  const size_t starts_bytes = sizeof(int) * (a.shape.experts_local * a.env.num_ranks + 1);
+  CombineSendKernel<<<Blocks(a.shape), kThreads, starts_bytes, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   switch (a.elem) {

@@ -69,6 +69,11 @@ for s in "$@"; do
           python3 bench/profile_ops.py --shape "$shape" --calls 1 --num-sms $sms
         python3 bench/ncu_summary.py "$LOGS/ncu_${shape}_sms$sms.log" --json "$LOGS/ncu_${shape}_sms$sms.json"
       done; done ;;
+    ncu_padded)  # the padded layout at the decode shape, padding left unwritten
+      stage ncu_padded 150 ncu --clock-control none --profile-from-start off --csv \
+        --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+        python3 bench/profile_ops.py --shape decode --calls 1 --num-sms ${LL_SMS:-24} --layout padded
+      python3 bench/ncu_summary.py "$LOGS/ncu_padded.log" --json "$LOGS/ncu_padded.json" ;;
     *) echo "unknown stage $s" ;;
   esac
 done

@@ -33,8 +33,12 @@ from jax_ep.nn.lm_config import LMConfig  # noqa: E402
 from jax_ep.nn.synthetic import TopicMarkovText  # noqa: E402
 
 
+DESCRIPTION = ("Trains a small MoE language model on synthetic text with expert parallelism "
+               "(jax_ep dispatch/combine) over every device; writes a loss curve.")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jax_ep.demo", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="python -m jax_ep.demo", description=DESCRIPTION,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=400, help="training steps")
     p.add_argument("--batch", type=int, default=16, help="sequences per step (all devices)")

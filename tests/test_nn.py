@@ -149,10 +149,21 @@ def test_dense_fallback_without_mesh_matches_dense_moe():
                          router="sigmoid", shared_ffn=8)
 
 
-def test_ep_layer_with_tight_capacity_setting_that_drops_nothing():
-    # capacity_factor = E/k * ... large enough for any routing here: same result as dropless.
-    check_against_oracle("equinox", x_shape=(32,), mesh=mesh_of((4,), ("expert",)),
-                         num_experts=4, top_k=2, capacity_factor=4.0, max_tokens=16)
+def test_bfloat16_layer_with_max_tokens_and_capacity_is_close_to_dense_moe():
+    """bf16 compute (dispatch moves bf16 rows); max_tokens above the call's T and a capacity
+    factor that still fits every row here (4 ranks, capacity 4 * T * k = dropless)."""
+    from jax_ep.nn.equinox import MoE
+
+    layer = MoE(H, F, 8, 2, mesh=mesh_of((4,), ("expert",)), shared_ffn=8, dtype=jnp.bfloat16,
+                max_tokens=32, capacity_factor=4.0, key=jax.random.key(0))
+    x = jax.random.normal(jax.random.key(2), (64, H))
+    y, aux = jax.jit(lambda m, x: m(x))(layer, x)
+    assert y.dtype == jnp.bfloat16
+    y_ref, aux_ref = dense_moe({n: np.asarray(p) for n, p in layer.params().items()}, x, k=2,
+                               router="softmax", renormalize=True)
+    scale = float(jnp.max(jnp.abs(y_ref)))
+    np.testing.assert_allclose(y.astype(jnp.float32), y_ref, rtol=0, atol=0.03 * scale)
+    np.testing.assert_allclose(aux, aux_ref, rtol=1e-3)
 
 
 @pytest.mark.parametrize("weight_spec", [P(), P("expert")])

@@ -125,10 +125,10 @@ struct Vec16<__half> {
 };
 
 // Slots are summed in groups of kGroup, each lane loading kPerLane vectors of every slot of
-// the group before it accumulates: kGroup * kPerLane = 8 loads in flight per lane. With many
-// slots a token (top-8), the group is all of them and a lane takes one vector of each (one
-// round trip per piece, the shortest pieces for decode sizes); with few (top-2), a lane takes
-// more vectors of each slot instead.
+// the group before it accumulates: kGroup * kPerLane = 8 loads in flight per lane. Top-2 takes
+// 4 vectors of each slot (measured 171 vs 181 us at the Mixtral shape on 24 SMs); top-3 and up
+// 2 vectors of 4 slots at a time (all 8 slots of a top-8 token at once, 1 vector each, measured
+// slower: 859 vs 538 us at the DeepSeek-V3 shape, 35 vs 23 us at decode, on 24 SMs).
 // Threads a block: at most 85 registers a thread at 768, 128 at 512 (wide accumulators for
 // kPerLane = 4); no spills either way (ptxas -v).
 constexpr int ReduceThreads(int per_lane) { return per_lane >= 4 ? 512 : 768; }
@@ -236,9 +236,7 @@ int Blocks(const CallShape& s) { return s.num_blocks > 0 ? s.num_blocks : 1; }
 template <typename T>
 cudaError_t LaunchReduce(const CombineParams& p, cudaStream_t stream) {
   const int k = p.shape.top_k;
-  if (k > 4) {
-    ReduceKernel<T, 8, 1><<<Blocks(p.shape), ReduceThreads(1), 0, stream>>>(p);
-  } else if (k > 2) {
+  if (k > 2) {
     ReduceKernel<T, 4, 2><<<Blocks(p.shape), ReduceThreads(2), 0, stream>>>(p);
   } else {
     ReduceKernel<T, 2, 4><<<Blocks(p.shape), ReduceThreads(4), 0, stream>>>(p);

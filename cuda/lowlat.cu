@@ -98,6 +98,64 @@ __device__ int WaitCount(const CommEnv& env, const unsigned long long* word,
 
 __device__ __forceinline__ unsigned LanesBelow(int lane) { return (1u << lane) - 1u; }
 
+// Exclusive prefix sums of the (local expert, source) counts in dynamic shared memory
+// ([pairs + 1] ints, starts[pairs] = the total), computed by the whole block, kPairsPerThread
+// consecutive pairs a thread; count_of(q) gives pair q's count.
+constexpr int kPairsPerThread = (kMaxExperts + kThreads - 1) / kThreads;
+template <typename CountOf>
+__device__ int* PairStarts(int pairs, CountOf count_of) {
+  using Scan = cub::BlockScan<int, kThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  extern __shared__ int starts[];
+  int v[kPairsPerThread];
+#pragma unroll
+  for (int i = 0; i < kPairsPerThread; ++i) {
+    const int q = threadIdx.x * kPairsPerThread + i;
+    v[i] = q < pairs ? count_of(q) : 0;
+  }
+  int total;
+  Scan(scan_storage).ExclusiveSum(v, v, total);
+#pragma unroll
+  for (int i = 0; i < kPairsPerThread; ++i) {
+    const int q = threadIdx.x * kPairsPerThread + i;
+    if (q < pairs) starts[q] = v[i];
+  }
+  if (threadIdx.x == 0) starts[pairs] = total;
+  __syncthreads();
+  return starts;
+}
+
+// The pair holding received row i (0 <= i < starts[pairs]): the last whose start is <= i.
+__device__ __forceinline__ int PairOf(const int* starts, int pairs, int i) {
+  int lo = 0, hi = pairs;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (starts[mid] <= i) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
+// Received rows move in chunks of kChunkVecs 16-byte vectors, one chunk a warp item with all
+// its loads in flight (8 a lane): a row of a few KB spreads over several warps, which matters
+// at decode sizes, where there are few rows.
+constexpr int kChunkLoads = 8;
+constexpr int kChunkVecs = kChunkLoads * kWarp;
+template <bool kFromPeer>
+__device__ __forceinline__ void WarpCopyChunk(int4* __restrict__ dst, const int4* __restrict__ src,
+                                              int chunk, int vecs, int lane) {
+  int4 buf[kChunkLoads];
+#pragma unroll
+  for (int u = 0; u < kChunkLoads; ++u) {
+    const int v = chunk * kChunkVecs + u * kWarp + lane;
+    if (v < vecs) buf[u] = kFromPeer ? __ldcg(src + v) : src[v];
+  }
+#pragma unroll
+  for (int u = 0; u < kChunkLoads; ++u) {
+    const int v = chunk * kChunkVecs + u * kWarp + lane;
+    if (v < vecs) dst[v] = buf[u];
+  }
+}
+
 // --- dispatch-kind --------------------------------------------------------------------------
 
 __global__ void __launch_bounds__(kThreads) DispatchSendKernel(DispatchParams p) {
@@ -123,6 +181,7 @@ __global__ void __launch_bounds__(kThreads) DispatchSendKernel(DispatchParams p)
     }
   }
 
+  const int chunks = p.x ? (vecs + kChunkVecs - 1) / kChunkVecs : 1;
   // Item (expert e, share g of its rows): G warps per expert when there are enough warps.
   const int shares = NumWarps() / s.num_experts > 1 ? NumWarps() / s.num_experts : 1;
   unsigned int* counters = At<unsigned int>(env, env.rank, L.ll_expert_counter);
@@ -154,17 +213,22 @@ __global__ void __launch_bounds__(kThreads) DispatchSendKernel(DispatchParams p)
           p.slot_pos[t * k + first] = pos;
         }
       }
-      // Rows p = g, g + G, ... of this expert are this warp's share.
-      const unsigned mine = __ballot_sync(0xffffffffu, first >= 0 && pos % shares == g);
-      for (unsigned mm = mine; mm; mm &= mm - 1) {
+      // The expert's rows in chunks: chunk c of row p is share (p * chunks + c) % G's, so a
+      // few rows (decode) still spread over all G warps of the expert.
+      for (unsigned mm = hit_mask; mm; mm &= mm - 1) {
         const int b = __ffs(mm) - 1;
         const int tb = t0 + b;
         const int pb = __shfl_sync(0xffffffffu, pos, b);
         const int jb = __shfl_sync(0xffffffffu, first, b);
         const long long slot = pair * m + pb;
+        const int base = (pb * chunks) % shares;  // the share of the row's chunk 0
         if (p.x) {
-          WarpCopyRow(rows + slot * vecs, p.x + static_cast<long long>(tb) * vecs, vecs, lane);
+          for (int c = (g - base + shares) % shares; c < chunks; c += shares) {
+            WarpCopyChunk<false>(rows + slot * vecs, p.x + static_cast<long long>(tb) * vecs, c,
+                                 vecs, lane);
+          }
         }
+        if (base != g) continue;
         if (p.x_scales) {
           for (int c = lane; c < sc; c += kWarp) {
             scales[slot * sc + c] = p.x_scales[static_cast<long long>(tb) * sc + c];
@@ -209,42 +273,43 @@ __global__ void __launch_bounds__(kThreads) DispatchRecvKernel(DispatchParams p)
   const float* scales = At<float>(env, env.rank, L.ll_disp_scales[half]);
   const bool alive = !Poisoned(env);
 
-  // The buffer and the output share the index: row r = (l * N + s) * M + p.
-  const long long total = static_cast<long long>(s.experts_local) * n * m;
-  const long long per_warp = (total + NumWarps() - 1) / NumWarps();
-  const long long begin = GlobalWarp() * per_warp;
-  const long long end = begin + per_warp < total ? begin + per_warp : total;
-  long long cached_pair = -1;
-  int count = 0;
-  for (long long r = begin; r < end; ++r) {
-    const long long pair = r / m;
-    const int pos = static_cast<int>(r % m);
-    if (pair != cached_pair) {
-      int c = 0;
-      if (lane == 0 && alive) c = WaitCount(env, words + pair, seq, static_cast<int>(pair % n));
-      count = __shfl_sync(0xffffffffu, c, 0);
-      cached_pair = pair;
-      if (pos == 0 && lane == 0 && p.recv_counts) p.recv_counts[pair] = count;
-    }
-    const bool has = pos < count;
-    if (!has && !s.zero_fill) {  // the rest of this (expert, source) block stays unwritten
-      r = (pair + 1) * m - 1;
-      continue;
-    }
-    if (p.out_x) {
-      int4* dst = p.out_x + r * vecs;
-      if (has) {
-        WarpCopyRow<true>(dst, rows + r * vecs, vecs, lane);
-      } else {
-        WarpZeroRow(dst, vecs, lane);
+  // Every block learns every (local expert, source) count: each thread waits on a few count
+  // words, then the block scans them. The buffer and the output share the row index
+  // r = (l * N + s) * M + p.
+  const int pairs = s.experts_local * n;
+  const int* start = PairStarts(pairs, [&](int q) {
+    return alive ? WaitCount(env, words + q, seq, q % n) : 0;
+  });
+  const int received = start[pairs];
+  if (blockIdx.x == 0 && p.recv_counts) {
+    for (int q = threadIdx.x; q < pairs; q += blockDim.x) p.recv_counts[q] = start[q + 1] - start[q];
+  }
+  // Received rows: items (row i, chunk c), so that few rows still spread over every warp.
+  const int chunks = p.out_x ? (vecs + kChunkVecs - 1) / kChunkVecs : 1;
+  for (long long item = GlobalWarp(); item < static_cast<long long>(received) * chunks;
+       item += NumWarps()) {
+    const int i = static_cast<int>(item / chunks), c = static_cast<int>(item % chunks);
+    const int pair = PairOf(start, pairs, i);
+    const long long r = static_cast<long long>(pair) * m + (i - start[pair]);
+    if (p.out_x) WarpCopyChunk<true>(p.out_x + r * vecs, rows + r * vecs, c, vecs, lane);
+    if (c == 0) {
+      if (p.out_scales) {
+        for (int col = lane; col < sc; col += kWarp) p.out_scales[r * sc + col] = __ldcg(&scales[r * sc + col]);
       }
+      if (p.out_values && lane == 0) p.out_values[r] = __ldcg(&values[r]);
     }
-    if (p.out_scales) {
-      for (int c = lane; c < sc; c += kWarp) {
-        p.out_scales[r * sc + c] = has ? __ldcg(&scales[r * sc + c]) : 0.0f;
+  }
+  if (s.zero_fill) {  // the padding past each count
+    const long long total = static_cast<long long>(pairs) * m;
+    for (long long r = GlobalWarp(); r < total; r += NumWarps()) {
+      const int pair = static_cast<int>(r / m);
+      if (r % m < start[pair + 1] - start[pair]) continue;
+      if (p.out_x) WarpZeroRow(p.out_x + r * vecs, vecs, lane);
+      if (p.out_scales) {
+        for (int col = lane; col < sc; col += kWarp) p.out_scales[r * sc + col] = 0.0f;
       }
+      if (p.out_values && lane == 0) p.out_values[r] = 0.0f;
     }
-    if (p.out_values && lane == 0) p.out_values[r] = has ? __ldcg(&values[r]) : 0.0f;
   }
 
   if (LastBlockDone(&LLSignal(env)->block_counter[kCounterDispatchRecv])) {
@@ -275,31 +340,6 @@ __global__ void __launch_bounds__(kThreads) DispatchRecvKernel(DispatchParams p)
 
 // --- combine-kind ---------------------------------------------------------------------------
 
-// Exclusive prefix sums of the (local expert, source) counts in dynamic shared memory
-// ([pairs + 1] ints), computed by the whole block: kPairsPerThread consecutive pairs a thread.
-constexpr int kPairsPerThread = (kMaxExperts + kThreads - 1) / kThreads;
-__device__ int* PairStarts(const int32_t* __restrict__ counts, int pairs) {
-  using Scan = cub::BlockScan<int, kThreads>;
-  __shared__ typename Scan::TempStorage scan_storage;
-  extern __shared__ int starts[];
-  int v[kPairsPerThread];
-#pragma unroll
-  for (int i = 0; i < kPairsPerThread; ++i) {
-    const int q = threadIdx.x * kPairsPerThread + i;
-    v[i] = q < pairs ? counts[q] : 0;
-  }
-  int total;
-  Scan(scan_storage).ExclusiveSum(v, v, total);
-#pragma unroll
-  for (int i = 0; i < kPairsPerThread; ++i) {
-    const int q = threadIdx.x * kPairsPerThread + i;
-    if (q < pairs) starts[q] = v[i];
-  }
-  if (threadIdx.x == 0) starts[pairs] = total;
-  __syncthreads();
-  return starts;
-}
-
 __global__ void __launch_bounds__(kThreads) CombineSendKernel(CombineParams p) {
   const CommEnv& env = p.env;
   const PaddedShape& s = p.shape;
@@ -314,24 +354,22 @@ __global__ void __launch_bounds__(kThreads) CombineSendKernel(CombineParams p) {
     // counts into shared memory once, then warps take received rows i = 0 .. total - 1 in a
     // grid stride and find their (pair, position) by binary search, never visiting padding.
     const int pairs = s.experts_local * n;
-    int* start = PairStarts(p.recv_counts, pairs);  // [pairs + 1], start[pairs] = total
+    const int* start = PairStarts(pairs, [&](int q) { return p.recv_counts[q]; });
     const int total = start[pairs];
-    for (int i = GlobalWarp(); i < total; i += NumWarps()) {
-      int lo = 0, hi = pairs;  // the last pair whose start is <= i
-      while (hi - lo > 1) {
-        const int mid = (lo + hi) / 2;
-        if (start[mid] <= i) lo = mid; else hi = mid;
-      }
-      const long long pair = lo;
-      const int pos = i - start[lo];
-      const long long r = pair * m + pos;
-      const int l = static_cast<int>(pair / n), src = static_cast<int>(pair % n);
+    const int chunks = p.rows ? (vecs + kChunkVecs - 1) / kChunkVecs : 1;
+    for (long long item = GlobalWarp(); item < static_cast<long long>(total) * chunks;
+         item += NumWarps()) {
+      const int i = static_cast<int>(item / chunks), c = static_cast<int>(item % chunks);
+      const int pair = PairOf(start, pairs, i);
+      const int pos = i - start[pair];
+      const long long r = static_cast<long long>(pair) * m + pos;
+      const int l = pair / n, src = pair % n;
       const long long slot = static_cast<long long>(env.rank * s.experts_local + l) * m + pos;
       if (p.rows) {
-        WarpCopyRow(At<int4>(env, src, L.ll_comb_rows[half]) + slot * vecs, p.rows + r * vecs,
-                    vecs, lane);
+        WarpCopyChunk<false>(At<int4>(env, src, L.ll_comb_rows[half]) + slot * vecs,
+                             p.rows + r * vecs, c, vecs, lane);
       }
-      if (lane == 0) {
+      if (c == 0 && lane == 0) {
         if (p.row_scale) At<float>(env, src, L.ll_comb_scale[half])[slot] = p.row_scale[r];
         if (p.row_values) At<float>(env, src, L.ll_comb_value[half])[slot] = p.row_values[r];
       }
@@ -456,7 +494,8 @@ cudaError_t LaunchPaddedDispatch(const PaddedDispatchArgs& a, cudaStream_t strea
   DispatchSendKernel<<<Blocks(a.shape), kThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  DispatchRecvKernel<<<Blocks(a.shape), kThreads, 0, stream>>>(p);
+  const size_t starts_bytes = sizeof(int) * (a.shape.experts_local * a.env.num_ranks + 1);
+  DispatchRecvKernel<<<Blocks(a.shape), kThreads, starts_bytes, stream>>>(p);
   return cudaGetLastError();
 }
 

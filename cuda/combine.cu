@@ -11,6 +11,7 @@
 #include "cuda/device_utils.cuh"
 #include "cuda/ep_kernels.h"
 #include "cuda/layout_kernels.cuh"
+#include "cuda/vec16.cuh"
 
 namespace jax_ep {
 namespace {
@@ -65,65 +66,6 @@ __global__ void __launch_bounds__(kThreads) PushKernel(CombineParams p) {
   }
 }
 
-template <typename T>
-struct Vec16;  // 16 bytes of T <-> float
-template <>
-struct Vec16<float> {
-  static constexpr int kN = 4;
-  __device__ static void Load(const int4& v, float* x) {
-    const float* f = reinterpret_cast<const float*>(&v);
-#pragma unroll
-    for (int i = 0; i < kN; ++i) x[i] = f[i];
-  }
-  __device__ static int4 Store(const float* x) {
-    int4 v;
-    float* f = reinterpret_cast<float*>(&v);
-#pragma unroll
-    for (int i = 0; i < kN; ++i) f[i] = x[i];
-    return v;
-  }
-};
-template <>
-struct Vec16<__nv_bfloat16> {
-  static constexpr int kN = 8;
-  __device__ static void Load(const int4& v, float* x) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-    for (int i = 0; i < kN / 2; ++i) {
-      const float2 f = __bfloat1622float2(h[i]);
-      x[2 * i] = f.x;
-      x[2 * i + 1] = f.y;
-    }
-  }
-  __device__ static int4 Store(const float* x) {
-    int4 v;
-    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
-#pragma unroll
-    for (int i = 0; i < kN / 2; ++i) h[i] = __floats2bfloat162_rn(x[2 * i], x[2 * i + 1]);
-    return v;
-  }
-};
-template <>
-struct Vec16<__half> {
-  static constexpr int kN = 8;
-  __device__ static void Load(const int4& v, float* x) {
-    const __half2* h = reinterpret_cast<const __half2*>(&v);
-#pragma unroll
-    for (int i = 0; i < kN / 2; ++i) {
-      const float2 f = __half22float2(h[i]);
-      x[2 * i] = f.x;
-      x[2 * i + 1] = f.y;
-    }
-  }
-  __device__ static int4 Store(const float* x) {
-    int4 v;
-    __half2* h = reinterpret_cast<__half2*>(&v);
-#pragma unroll
-    for (int i = 0; i < kN / 2; ++i) h[i] = __floats2half2_rn(x[2 * i], x[2 * i + 1]);
-    return v;
-  }
-};
-
 // Slots are summed in groups of kGroup, each lane loading kPerLane vectors of every slot of
 // the group before it accumulates: kGroup * kPerLane = 8 loads in flight per lane. Top-2 takes
 // 4 vectors of each slot (measured 171 vs 181 us at the Mixtral shape on 24 SMs); top-3 and up
@@ -135,7 +77,7 @@ constexpr int ReduceThreads(int per_lane) { return per_lane >= 4 ? 512 : 768; }
 
 template <typename T, int kGroup, int kPerLane>
 __global__ void __launch_bounds__(ReduceThreads(kPerLane)) ReduceKernel(CombineParams p) {
-  using V = Vec16<T>;
+  using V = Vec16F32<T>;
   const CommEnv& env = p.env;
   const CommLayout& L = env.layout;
   SignalArea* me = Signal(env, env.rank);
@@ -206,21 +148,7 @@ __global__ void __launch_bounds__(ReduceThreads(kPerLane)) ReduceKernel(CombineP
             n = g + 1;
           }
         }
-        // Fixed order: slot by slot in slot order, so the sum is deterministic.
-#pragma unroll
-        for (int g = 0; g < kGroup; ++g) {
-          if (g < n) {
-#pragma unroll
-            for (int u = 0; u < kPerLane; ++u) {
-              if (v0 + u * kWarp < v_end) {
-                float x[V::kN];
-                V::Load(loaded[g][u], x);
-#pragma unroll
-                for (int i = 0; i < V::kN; ++i) acc[u][i] += scales[g] * x[i];
-              }
-            }
-          }
-        }
+        AccumulateSlots<T, kGroup, kPerLane>(acc, loaded, scales, n, v0, v_end);
       }
 #pragma unroll
       for (int u = 0; u < kPerLane; ++u) {

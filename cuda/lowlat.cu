@@ -448,21 +448,7 @@ __global__ void __launch_bounds__(kReduceThreads) CombineReduceKernel(CombinePar
           got = g + 1;
         }
       }
-      // Slot by slot in slot order: the sum is deterministic.
-#pragma unroll
-      for (int g = 0; g < kGroup; ++g) {
-        if (g < got) {
-#pragma unroll
-          for (int u = 0; u < kPerLane; ++u) {
-            if (v0 + u * kWarp < vecs) {
-              float xv[V::kN];
-              V::Load(loaded[g][u], xv);
-#pragma unroll
-              for (int i = 0; i < V::kN; ++i) acc[u][i] += sc[g] * xv[i];
-            }
-          }
-        }
-      }
+      AccumulateSlots<T, kGroup, kPerLane>(acc, loaded, sc, got, v0, vecs);
     }
     int4* dst = p.out + static_cast<long long>(t) * vecs;
 #pragma unroll

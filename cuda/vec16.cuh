@@ -57,4 +57,28 @@ struct Vec16F32<__nv_bfloat16> : Vec16Pairs<__nv_bfloat162, __nv_bfloat16> {};
 template <>
 struct Vec16F32<__half> : Vec16Pairs<__half2, __half> {};
 
+// The reduction step of combine: acc[u] += scales[g] * row g's vector u, for g = 0 .. n - 1 in
+// that order (slot order: the fixed float32 summation order that makes combine deterministic).
+// Vector u of the lane is element v0 + u * 32 of the row; those at or past v_end are skipped.
+template <typename T, int kGroup, int kPerLane>
+__device__ __forceinline__ void AccumulateSlots(float (&acc)[kPerLane][Vec16F32<T>::kN],
+                                                const int4 (&loaded)[kGroup][kPerLane],
+                                                const float (&scales)[kGroup], int n, int v0,
+                                                int v_end) {
+#pragma unroll
+  for (int g = 0; g < kGroup; ++g) {
+    if (g < n) {
+#pragma unroll
+      for (int u = 0; u < kPerLane; ++u) {
+        if (v0 + u * 32 < v_end) {
+          float x[Vec16F32<T>::kN];
+          Vec16F32<T>::Load(loaded[g][u], x);
+#pragma unroll
+          for (int i = 0; i < Vec16F32<T>::kN; ++i) acc[u][i] += scales[g] * x[i];
+        }
+      }
+    }
+  }
+}
+
 }  // namespace jax_ep

@@ -7,6 +7,7 @@
 
 #include "cuda/ep_kernels.h"
 #include "ffi/group_state.h"
+#include "ffi/handler_util.h"
 #include "ffi/handlers.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -14,30 +15,6 @@ namespace ffi = xla::ffi;
 
 namespace jax_ep {
 namespace {
-
-ffi::Error InvalidArgument(const std::string& msg) {
-  return ffi::Error::InvalidArgument("jax_ep: " + msg);
-}
-
-ffi::Error CudaError(cudaError_t err, const char* op) {
-  return ffi::Error::Internal(std::string("jax_ep: launching ") + op + " failed: " +
-                              cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
-}
-
-// The group's context on this device, or an error (unknown group, or a peer timed out before).
-ffi::ErrorOr<Context*> Lookup(int64_t group_id, int32_t device) {
-  Context* ctx = FindContext(group_id, device);
-  if (!ctx) {
-    return ffi::Unexpected(ffi::Error(
-        ffi::ErrorCode::kFailedPrecondition, "jax_ep: EP group " + std::to_string(group_id) + " has no state on device " +
-        std::to_string(device) + " (closed, or built for other devices)"));
-  }
-  const std::string err = ErrorMessage(*ctx);
-  if (!err.empty()) return ffi::Unexpected(ffi::Error::Internal(err));
-  return ctx;
-}
-
-bool IsAbsent(const ffi::AnyBuffer& b) { return b.element_count() == 0; }
 
 ffi::ErrorOr<ElemType> RowType(ffi::DataType t) {
   switch (t) {

@@ -8,6 +8,7 @@
 
 #include "cuda/lowlat.h"
 #include "ffi/group_state.h"
+#include "ffi/handler_util.h"
 #include "ffi/handlers.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -20,29 +21,16 @@ ffi::Error Invalid(const std::string& msg) {
   return ffi::Error::InvalidArgument("jax_ep (padded layout): " + msg);
 }
 
-ffi::Error LaunchError(cudaError_t err, const char* op) {
-  return ffi::Error::Internal(std::string("jax_ep: launching ") + op + " failed: " +
-                              cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
-}
-
 ffi::ErrorOr<Context*> LookupPadded(int64_t group_id, int32_t device) {
-  Context* ctx = FindContext(group_id, device);
-  if (!ctx) {
-    return ffi::Unexpected(ffi::Error(
-        ffi::ErrorCode::kFailedPrecondition,
-        "jax_ep: EP group " + std::to_string(group_id) + " has no state on device " +
-            std::to_string(device) + " (closed, or built for other devices)"));
-  }
-  const std::string err = ErrorMessage(*ctx);
-  if (!err.empty()) return ffi::Unexpected(ffi::Error::Internal(err));
-  if (ctx->layout.ll_max_tokens <= 0) {
+  auto ctx = Lookup(group_id, device);
+  if (ctx.has_error()) return ctx;
+  if ((*ctx)->layout.ll_max_tokens <= 0) {
     return ffi::Unexpected(Invalid("the group has no padded-layout buffers; create it with "
                                    "EPConfig(low_latency=True)"));
   }
   return ctx;
 }
 
-bool Absent(const ffi::AnyBuffer& b) { return b.element_count() == 0; }
 
 // The call's shape, checked against the buffers: T <= max_tokens, k, rows of whole 16-byte
 // vectors no wider than the buffers' rows, at most the buffers' scale columns.
@@ -87,7 +75,7 @@ ffi::Error PaddedDispatchImpl(
   if (ctx.has_error()) return ctx.error();
   const auto kd = ids.dimensions();
   const auto xd = x.dimensions();
-  const bool has_x = !Absent(x), has_scales = x_scales.element_count() != 0;
+  const bool has_x = !IsAbsent(x), has_scales = x_scales.element_count() != 0;
   const bool has_values = slot_values.element_count() != 0;
   if (kd.size() != 2 || xd.size() != 2 || (has_x && xd[0] != kd[0])) {
     return Invalid("dispatch expects x [T, H] and ids [T, k]");
@@ -123,7 +111,7 @@ ffi::Error PaddedDispatchImpl(
   a.slot_expert = slot_expert->typed_data();
   a.slot_pos = slot_pos->typed_data();
   const cudaError_t err = LaunchPaddedDispatch(a, stream);
-  return err == cudaSuccess ? ffi::Error::Success() : LaunchError(err, "padded dispatch");
+  return err == cudaSuccess ? ffi::Error::Success() : CudaError(err, "padded dispatch");
 }
 
 ffi::ErrorOr<ElemType> RowElem(ffi::DataType t) {
@@ -145,7 +133,7 @@ ffi::Error PaddedCombineImpl(
   if (ctx.has_error()) return ctx.error();
   const auto kd = slot_expert.dimensions();
   const auto rd = rows.dimensions();
-  const bool has_rows = !Absent(rows);
+  const bool has_rows = !IsAbsent(rows);
   const bool has_values = row_values.element_count() != 0;
   if (kd.size() != 2 || rd.size() != 3) {
     return Invalid("combine expects rows [E_local, N * max_tokens, H] and slot_expert [T, k]");
@@ -173,7 +161,7 @@ ffi::Error PaddedCombineImpl(
   a.out = has_rows ? out->untyped_data() : nullptr;
   a.slot_values = has_values ? slot_values->typed_data() : nullptr;
   const cudaError_t err = LaunchPaddedCombine(a, stream);
-  return err == cudaSuccess ? ffi::Error::Success() : LaunchError(err, "padded combine");
+  return err == cudaSuccess ? ffi::Error::Success() : CudaError(err, "padded combine");
 }
 
 }  // namespace

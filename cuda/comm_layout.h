@@ -18,6 +18,7 @@ struct alignas(128) SignalArea {
   unsigned long long seq;                       // calls made by this rank (its kernels only)
   unsigned long long poisoned;                  // nonzero once a wait timed out: the group is dead
   unsigned int block_counter[4];                // "last block done" counters, one per kernel kind
+  unsigned int invalid_slots;                   // ids outside [-1, E) seen by this call's layout
   unsigned long long notify[kMaxRanks];         // peer s: seq of its latest notify / barrier
   unsigned long long data_done[kMaxRanks];      // peer s: seq when its pushes to us are complete
 };

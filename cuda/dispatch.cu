@@ -203,7 +203,7 @@ cudaError_t LaunchDispatch(const DispatchArgs& a, cudaStream_t stream) {
   const CallShape& s = a.shape;
   cudaError_t err = LaunchLayoutAndNotify(a.env, a.topk_idx, s.tokens, s.top_k, s.num_experts,
                                           s.experts_local, s.capacity, a.group_sizes,
-                                          a.num_dropped, a.num_recv, stream);
+                                          a.num_dropped, a.num_recv, a.num_invalid, stream);
   if (err != cudaSuccess) return err;
   SendParams sp{a.env, s, static_cast<const int4*>(a.x), a.topk_weights, a.topk_idx,
                 a.dest_rank, a.dest_row, static_cast<int4*>(a.out_x), a.out_weights, a.row_src,

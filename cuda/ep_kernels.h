@@ -37,6 +37,7 @@ struct DispatchArgs {
   int32_t* dest_row;         // [T, k]
   int32_t* row_src;          // [C]
   int32_t* num_recv;         // []
+  int32_t* num_invalid;      // []: ids of topk_idx outside [-1, E)
 };
 
 // Moves x [T, H] (optional) and slot_values [T, k] (optional) along an existing routing.

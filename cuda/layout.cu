@@ -18,8 +18,9 @@ constexpr int kSerialScanChunks = 8;
 // The layout of one chunk of kLayoutChunk slots, by a group of kLayoutChunk threads (`tid` is
 // the thread's index in the group, its slot in the chunk). warp_counts: the group's shared
 // scratch [kLayoutChunk / 32][E]. Every thread of the block must call this the same number of
-// times: it synchronises the block.
-__device__ inline void ChunkLayout(const int32_t* __restrict__ topk_idx, int num_slots, int e_all,
+// times: it synchronises the block. Returns, to every thread, how many ids the block's chunks
+// of this call hold outside [-1, E) (counted as -1, reported as num_invalid).
+__device__ inline int ChunkLayout(const int32_t* __restrict__ topk_idx, int num_slots, int e_all,
                                    int chunk, int num_chunks, int tid,
                                    int32_t* __restrict__ warp_counts,
                                    int32_t* __restrict__ local_rank,
@@ -30,15 +31,17 @@ __device__ inline void ChunkLayout(const int32_t* __restrict__ topk_idx, int num
 
   const int f = chunk * kLayoutChunk + tid;
   int e = e_all;  // the "unrouted" key: ids outside [0, E) count as -1
+  bool invalid = false;
   if (chunk < num_chunks && f < num_slots) {
     const int v = topk_idx[f];
     if (v >= 0 && v < e_all) e = v;
+    invalid = v < -1 || v >= e_all;
   }
   const int lane = Lane(), warp = tid / kWarp;
   const unsigned same = __match_any_sync(0xffffffffu, e);
   const int rank_in_warp = __popc(same & ((1u << lane) - 1u));
   if (rank_in_warp == 0 && e < e_all) warp_counts[warp * e_all + e] = __popc(same);
-  __syncthreads();
+  const int block_invalid = __syncthreads_count(invalid);
 
   if (e < e_all) {
     int r = rank_in_warp;
@@ -53,21 +56,25 @@ __device__ inline void ChunkLayout(const int32_t* __restrict__ topk_idx, int num
       chunk_hist[static_cast<size_t>(i) * num_chunks + chunk] = s;  // expert-major [E][chunks]
     }
   }
+  return block_invalid;
 }
 
 __global__ void __launch_bounds__(kLayoutChunk)
     LayoutChunksKernel(const int32_t* __restrict__ topk_idx, int num_slots, int num_experts,
-                       int32_t* __restrict__ local_rank, int32_t* __restrict__ chunk_hist) {
+                       int32_t* __restrict__ local_rank, int32_t* __restrict__ chunk_hist,
+                       unsigned int* __restrict__ invalid_slots) {
   extern __shared__ int32_t warp_counts[];  // [kLayoutChunk / 32][E]
-  ChunkLayout(topk_idx, num_slots, num_experts, blockIdx.x, gridDim.x, threadIdx.x, warp_counts,
-              local_rank, chunk_hist);
+  const int invalid = ChunkLayout(topk_idx, num_slots, num_experts, blockIdx.x, gridDim.x,
+                                  threadIdx.x, warp_counts, local_rank, chunk_hist);
+  if (threadIdx.x == 0 && invalid) atomicAdd(invalid_slots, static_cast<unsigned int>(invalid));
 }
 
 __global__ void __launch_bounds__(kNotifyThreads)
     DispatchNotifyKernel(CommEnv env, const int32_t* __restrict__ fused_topk_idx, int num_slots,
                          int num_chunks, int num_experts, int experts_local,
                          long long capacity, int32_t* __restrict__ group_sizes,
-                         int32_t* __restrict__ num_dropped, int32_t* __restrict__ num_recv) {
+                         int32_t* __restrict__ num_dropped, int32_t* __restrict__ num_recv,
+                         int32_t* __restrict__ num_invalid) {
   using Scan = cub::BlockScan<int, kNotifyThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   __shared__ unsigned long long seq_shared;
@@ -91,12 +98,18 @@ __global__ void __launch_bounds__(kNotifyThreads)
     constexpr int kGroups = kNotifyThreads / kLayoutChunk;
     const int group = threadIdx.x / kLayoutChunk;
     int32_t* warp_counts = smem + 3 * e_all + group * (kLayoutChunk / kWarp) * e_all;
+    int invalid = 0;
     for (int c0 = 0; c0 < num_chunks; c0 += kGroups) {
-      ChunkLayout(fused_topk_idx, num_slots, e_all, c0 + group, num_chunks,
+      invalid += ChunkLayout(fused_topk_idx, num_slots, e_all, c0 + group, num_chunks,
                   threadIdx.x % kLayoutChunk, warp_counts,
                   At<int32_t>(env, env.rank, L.local_rank), At<int32_t>(env, env.rank, L.chunk_hist));
       __syncthreads();  // the groups' shared scratch is reused by the next round
     }
+    if (threadIdx.x == 0) *num_invalid = invalid;
+  } else if (threadIdx.x == 0) {
+    // The chunk kernel before us counted them; reset for the next call.
+    *num_invalid = static_cast<int32_t>(me->invalid_slots);
+    me->invalid_slots = 0;
   }
 
   // Chunk bases: a running sum over the chunks of each expert. hist and chunk_base are
@@ -251,7 +264,8 @@ cudaError_t PrepareLayoutKernels(int num_experts) {
 cudaError_t LaunchLayoutAndNotify(const CommEnv& env, const int32_t* topk_idx, int tokens,
                                   int top_k, int num_experts, int experts_local,
                                   long long capacity, int32_t* group_sizes, int32_t* num_dropped,
-                                  int32_t* num_recv, cudaStream_t stream) {
+                                  int32_t* num_recv, int32_t* num_invalid,
+                                  cudaStream_t stream) {
   const int slots = tokens * top_k;
   const int chunks = (slots + kLayoutChunk - 1) / kLayoutChunk;
   const CommLayout& L = env.layout;
@@ -259,14 +273,15 @@ cudaError_t LaunchLayoutAndNotify(const CommEnv& env, const int32_t* topk_idx, i
   if (chunks > 0 && !fuse) {
     LayoutChunksKernel<<<chunks, kLayoutChunk, ChunkSmem(num_experts), stream>>>(
         topk_idx, slots, num_experts, reinterpret_cast<int32_t*>(env.base[env.rank] + L.local_rank),
-        reinterpret_cast<int32_t*>(env.base[env.rank] + L.chunk_hist));
+        reinterpret_cast<int32_t*>(env.base[env.rank] + L.chunk_hist),
+        &reinterpret_cast<SignalArea*>(env.base[env.rank] + L.signal)->invalid_slots);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   DispatchNotifyKernel<<<1, kNotifyThreads,
                          fuse ? FusedNotifySmem(num_experts) : NotifySmem(num_experts), stream>>>(
       env, fuse ? topk_idx : nullptr, slots, chunks, num_experts, experts_local, capacity,
-      group_sizes, num_dropped, num_recv);
+      group_sizes, num_dropped, num_recv, num_invalid);
   return cudaGetLastError();
 }
 

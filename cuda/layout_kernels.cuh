@@ -16,7 +16,8 @@ constexpr int kNotifyThreads = 1024;
 cudaError_t LaunchLayoutAndNotify(const CommEnv& env, const int32_t* topk_idx, int tokens,
                                   int top_k, int num_experts, int experts_local,
                                   long long capacity, int32_t* group_sizes, int32_t* num_dropped,
-                                  int32_t* num_recv, cudaStream_t stream);
+                                  int32_t* num_recv, int32_t* num_invalid,
+                                  cudaStream_t stream);
 
 // A barrier with every peer (sync.cu): starts a call (advances seq) and returns on each rank
 // once all ranks have started it, so peers may then write into each other's buffers.

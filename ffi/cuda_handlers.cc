@@ -56,7 +56,8 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                         ffi::Result<ffi::Buffer<ffi::S32>> dest_rank,
                         ffi::Result<ffi::Buffer<ffi::S32>> dest_row,
                         ffi::Result<ffi::Buffer<ffi::S32>> row_src,
-                        ffi::Result<ffi::Buffer<ffi::S32>> num_recv, int64_t group_id) {
+                        ffi::Result<ffi::Buffer<ffi::S32>> num_recv,
+                        ffi::Result<ffi::Buffer<ffi::S32>> num_invalid, int64_t group_id) {
   auto ctx = Lookup(group_id, device);
   if (ctx.has_error()) return ctx.error();
   const auto xd = x.dimensions();
@@ -81,6 +82,7 @@ ffi::Error DispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   a.dest_row = dest_row->typed_data();
   a.row_src = row_src->typed_data();
   a.num_recv = num_recv->typed_data();
+  a.num_invalid = num_invalid->typed_data();
   const cudaError_t err = LaunchDispatch(a, stream);
   return err == cudaSuccess ? ffi::Error::Success() : CudaError(err, "dispatch");
 }
@@ -166,6 +168,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpDispatchCuda, jax_ep::DispatchImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()

@@ -98,10 +98,14 @@ _combine_weighted.defvjp(_combine_weighted_fwd, _combine_weighted_bwd)
 
 def _backend_dispatch(group: EPGroup, sizes: Sizes, layout_name: str, x, topk_idx,
                       topk_weights, x_scales):
-    """-> (rows, row_weights, group_sizes, num_dropped, handle, scales | None)."""
+    """-> (rows, row_weights, group_sizes, num_dropped, handle, scales | None, num_invalid).
+
+    The normal layout's backends count the invalid ids themselves (the cuda kernels while they
+    read the ids anyway, so the count costs no kernel of its own)."""
     if layout_name == "padded":
-        return padded_ops(group).dispatch(x, topk_idx, topk_weights, sizes, x_scales)
-    rows, row_weights, group_sizes, num_dropped, handle = group.backend.dispatch(
+        return padded_ops(group).dispatch(x, topk_idx, topk_weights, sizes, x_scales) + (
+            layout_math.count_invalid(topk_idx, sizes.num_experts),)
+    rows, row_weights, group_sizes, num_dropped, handle, num_invalid = group.backend.dispatch(
         x, topk_idx, topk_weights, sizes)
     scales = None
     if x_scales is not None:
@@ -109,7 +113,7 @@ def _backend_dispatch(group: EPGroup, sizes: Sizes, layout_name: str, x, topk_id
         cols = x_scales.shape[1]
         scales = group.backend.redispatch(fp8.pad_scale_cols(x_scales), None, handle,
                                           sizes)[0][:, :cols]
-    return rows, row_weights, group_sizes, num_dropped, handle, scales
+    return rows, row_weights, group_sizes, num_dropped, handle, scales, num_invalid
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -185,12 +189,10 @@ def dispatch(group: EPGroup, x: jax.Array, topk_idx: jax.Array, topk_weights: ja
     (unless fp8) and topk_weights.
     """
     sizes = validation.check_dispatch(group, x, topk_idx, topk_weights, x_scales, layout)
-    num_experts = group.config.num_experts
-    num_invalid = layout_math.count_invalid(topk_idx, num_experts)
+    rows, row_weights, group_sizes, num_dropped, handle, scales, num_invalid = _dispatch(
+        group, sizes, layout, x, topk_idx, topk_weights, x_scales)
     if group.config.debug:
         _check_ids_on_host(group, topk_idx, num_invalid)
-    rows, row_weights, group_sizes, num_dropped, handle, scales = _dispatch(
-        group, sizes, layout, x, topk_idx, topk_weights, x_scales)
     recv_counts = handle.recv_counts if layout == "padded" else None
     return Dispatched(x=rows, weights=row_weights, group_sizes=group_sizes,
                       num_dropped=num_dropped, num_invalid=num_invalid, handle=handle,

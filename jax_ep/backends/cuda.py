@@ -159,14 +159,17 @@ class CudaBackend:
         t, h = x.shape
         c, k, el = sizes.capacity, sizes.top_k, sizes.experts_per_rank
         i32 = jnp.int32
-        rows, row_w, group_sizes, num_dropped, dest_rank, dest_row, row_src, num_recv = self._call(
+        (rows, row_w, group_sizes, num_dropped, dest_rank, dest_row, row_src, num_recv,
+         num_invalid) = self._call(
             "jax_ep_dispatch",
             (_sds((c, h), x.dtype), _sds((c,), jnp.float32), _sds((el,), i32), _sds((), i32),
-             _sds((t, k), i32), _sds((t, k), i32), _sds((c,), i32), _sds((), i32)),
+             _sds((t, k), i32), _sds((t, k), i32), _sds((c,), i32), _sds((), i32),
+             _sds((), i32)),
             x, topk_idx, topk_weights)
         handle = Handle(dest_rank=dest_rank, dest_row=dest_row, row_src=row_src,
                         num_recv=num_recv)
-        return rows, row_w, group_sizes, num_dropped, handle
+        # The layout pass counts the invalid ids as it reads them: no extra kernel for them.
+        return rows, row_w, group_sizes, num_dropped, handle, num_invalid
 
     def redispatch(self, x, slot_values, handle: Handle, sizes: Sizes):
         c = sizes.capacity

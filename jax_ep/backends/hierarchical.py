@@ -225,7 +225,8 @@ class HierarchicalBackend:
         rows, row_weights, row_src = self._forward(x, topk_weights, dest_rank, dest_row, sizes)
         handle = Handle(dest_rank=dest_rank, dest_row=dest_row, row_src=row_src,
                         num_recv=num_recv)
-        return rows, row_weights, group_sizes, num_dropped, handle
+        num_invalid = layout.count_invalid(topk_idx, sizes.num_experts)
+        return rows, row_weights, group_sizes, num_dropped, handle, num_invalid
 
     def redispatch(self, x, slot_values, handle: Handle, sizes: Sizes):
         rows, values, _ = self._forward(x, slot_values, handle.dest_rank, handle.dest_row, sizes)

@@ -69,7 +69,8 @@ class ReferenceBackend:
         handle = Handle(dest_rank=dest_rank, dest_row=dest_row, row_src=row_src,
                         num_recv=num_recv)
         rows, row_weights = self.redispatch(x, topk_weights, handle, sizes)
-        return rows, row_weights, group_sizes, num_dropped, handle
+        num_invalid = layout.count_invalid(topk_idx, sizes.num_experts)
+        return rows, row_weights, group_sizes, num_dropped, handle, num_invalid
 
     def redispatch(self, x, slot_values, handle: Handle, sizes: Sizes):
         dest_rank = handle.dest_rank.reshape(-1)

@@ -34,6 +34,28 @@ def test_scan_check_passes_on_reference():
 # --- GPU ---------------------------------------------------------------------------------------
 
 
+def _padded_on_one_gpu(case, seed: int, groups):
+    """Padded dispatch and weighted combine of one random routing on one GPU, once per
+    (backend, padded_zero_fill) of `groups`; returns [(Dispatched, combined)] as numpy."""
+    import jax_ep
+
+    mesh = one_gpu_mesh()
+    rng = np.random.default_rng(seed)
+    idx, w = checks.routing_for(case, 1, rng)
+    x = harness.random_tokens(rng, 1, case.tokens, case.hidden, case.dtype)
+    results = []
+    for backend, zero_fill in groups:
+        group = checks.make_group(mesh, case, backend=backend, padded_zero_fill=zero_fill)
+
+        def fn(a, b, c, group=group):
+            d = jax_ep.dispatch(group, a, b, c, layout="padded")
+            return d, jax_ep.combine(group, d.x, d.handle, weights=d.weights)
+
+        results.append(jax.tree.map(np.asarray, harness.per_rank(mesh, fn)(x, idx, w)))
+        group.close()
+    return results
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", checks.CASES, ids=lambda c: c.name)
 def test_one_gpu_padded_equals_oracle(case):
@@ -53,23 +75,7 @@ def test_one_gpu_padded_scan_of_20_rounds():
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", checks.CASES[:4], ids=lambda c: c.name)
 def test_one_gpu_padded_equals_reference_backend(case):
-    import jax_ep
-
-    mesh = one_gpu_mesh()
-    rng = np.random.default_rng(5)
-    idx, w = checks.routing_for(case, 1, rng)
-    x = harness.random_tokens(rng, 1, case.tokens, case.hidden, case.dtype)
-    results = []
-    for backend in ("cuda", "reference"):
-        group = checks.make_group(mesh, case, backend=backend)
-
-        def fn(a, b, c, group=group):
-            d = jax_ep.dispatch(group, a, b, c, layout="padded")
-            return d, jax_ep.combine(group, d.x, d.handle, weights=d.weights)
-
-        results.append(jax.tree.map(np.asarray, harness.per_rank(mesh, fn)(x, idx, w)))
-        group.close()
-    (d, y), (d_ref, y_ref) = results
+    (d, y), (d_ref, y_ref) = _padded_on_one_gpu(case, 5, (("cuda", True), ("reference", True)))
     for a, b in zip(jax.tree.leaves(d), jax.tree.leaves(d_ref)):
         np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
     harness.assert_combine_close(y, np.asarray(y_ref, np.float64), case.dtype)
@@ -89,23 +95,7 @@ def test_processes_sharing_the_gpu_padded(world):
 def test_one_gpu_padded_without_zero_fill(case):
     """EPConfig.padded_zero_fill=False leaves the padding unwritten: the received rows, their
     weights and counts and the combine are still those of the zero-filled reference."""
-    import jax_ep
-
-    mesh = one_gpu_mesh()
-    rng = np.random.default_rng(7)
-    idx, w = checks.routing_for(case, 1, rng)
-    x = harness.random_tokens(rng, 1, case.tokens, case.hidden, case.dtype)
-    results = []
-    for backend, zero_fill in (("cuda", False), ("reference", True)):
-        group = checks.make_group(mesh, case, backend=backend, padded_zero_fill=zero_fill)
-
-        def fn(a, b, c, group=group):
-            d = jax_ep.dispatch(group, a, b, c, layout="padded")
-            return d, jax_ep.combine(group, d.x, d.handle, weights=d.weights)
-
-        results.append(jax.tree.map(np.asarray, harness.per_rank(mesh, fn)(x, idx, w)))
-        group.close()
-    (d, y), (d_ref, y_ref) = results
+    (d, y), (d_ref, y_ref) = _padded_on_one_gpu(case, 7, (("cuda", False), ("reference", True)))
     np.testing.assert_array_equal(d.recv_counts, d_ref.recv_counts)
     np.testing.assert_array_equal(d.group_sizes, d_ref.group_sizes)
     counts = d_ref.recv_counts[0]  # [E_local, N]

@@ -103,19 +103,29 @@ class ReferenceBackend:
         return jnp.where(delivered, picked, jnp.zeros((), picked.dtype))
 
     def combine(self, rows, row_scale, row_values, handle: Handle, sizes: Sizes):
-        t, k = sizes.num_tokens, sizes.top_k
-        out = slot_values = None
-        if rows is not None:
-            contrib = self._return_to_slots(rows, handle, sizes).astype(jnp.float32)
-            if row_scale is not None:
-                scale = self._return_to_slots(row_scale.astype(jnp.float32), handle, sizes)
-                contrib = scale[:, None] * contrib
-            contrib = contrib.reshape(t, k, rows.shape[1])
-            delivered = handle.dest_rank >= 0
-            acc = jnp.zeros((t, contrib.shape[-1]), jnp.float32)
-            for j in range(k):  # fixed summation order: slot 0, 1, ..., k - 1
-                acc = jnp.where(delivered[:, j, None], acc + contrib[:, j], acc)
-            out = acc.astype(rows.dtype)
-        if row_values is not None:
-            slot_values = self._return_to_slots(row_values, handle, sizes).reshape(t, k)
-        return out, slot_values
+        return sum_slots(lambda v: self._return_to_slots(v, handle, sizes),
+                         handle.dest_rank >= 0, rows, row_scale, row_values, sizes)
+
+
+def sum_slots(to_slots, delivered, rows, row_scale, row_values, sizes: Sizes):
+    """Combine's arithmetic once rows can be brought back to their slots, for every layout.
+
+    to_slots maps per-row values [rows..., ...] to per-slot ones [T * k, ...] (zero where the
+    slot was not delivered); delivered is [T, k] bool. Returns (out [T, H] in rows.dtype: each
+    token's delivered slots, scaled by row_scale, summed in float32 in slot order; slot_values
+    [T, k]: row_values back at their slots), each None when its input is.
+    """
+    t, k = sizes.num_tokens, sizes.top_k
+    out = slot_values = None
+    if rows is not None:
+        contrib = to_slots(rows).astype(jnp.float32)
+        if row_scale is not None:
+            contrib = to_slots(row_scale.astype(jnp.float32))[:, None] * contrib
+        contrib = contrib.reshape(t, k, rows.shape[-1])
+        acc = jnp.zeros((t, contrib.shape[-1]), jnp.float32)
+        for j in range(k):  # fixed summation order: slot 0, 1, ..., k - 1
+            acc = jnp.where(delivered[:, j, None], acc + contrib[:, j], acc)
+        out = acc.astype(rows.dtype)
+    if row_values is not None:
+        slot_values = to_slots(row_values).reshape(t, k)
+    return out, slot_values

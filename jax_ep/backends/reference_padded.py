@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jax_ep import layout
+from jax_ep.backends.reference import sum_slots
 from jax_ep.config import Sizes
 from jax_ep.types import PaddedHandle
 
@@ -83,19 +84,5 @@ class ReferencePaddedOps:
         return rows, row_values
 
     def combine(self, rows, row_scale, row_values, handle: PaddedHandle, sizes: Sizes):
-        t, k = sizes.num_tokens, sizes.top_k
-        out = slot_values = None
-        delivered = handle.slot_expert >= 0
-        if rows is not None:
-            contrib = self._from_blocks(rows, handle, sizes).astype(jnp.float32)
-            if row_scale is not None:
-                scale = self._from_blocks(row_scale.astype(jnp.float32), handle, sizes)
-                contrib = scale[:, None] * contrib
-            contrib = contrib.reshape(t, k, rows.shape[-1])
-            acc = jnp.zeros((t, contrib.shape[-1]), jnp.float32)
-            for j in range(k):  # fixed summation order: slot 0, 1, ..., k - 1
-                acc = jnp.where(delivered[:, j, None], acc + contrib[:, j], acc)
-            out = acc.astype(rows.dtype)
-        if row_values is not None:
-            slot_values = self._from_blocks(row_values, handle, sizes).reshape(t, k)
-        return out, slot_values
+        return sum_slots(lambda v: self._from_blocks(v, handle, sizes), handle.slot_expert >= 0,
+                         rows, row_scale, row_values, sizes)

@@ -48,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=0)
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--tag", default="", help="suffix of the output files")
+    p.add_argument("--hosts", type=int, default=1,
+                   help="also time the hierarchical backend (both intra-host legs) with the "
+                        "ranks split into this many emulated hosts")
     return p.parse_args(argv)
 
 
@@ -159,20 +162,28 @@ def bench_shape(name, args, mesh, results, to_global, world):
         return dispatch, combine
 
     budgets = [int(s) for s in args.num_sms.split(",") if s]
-    backends = [("cuda", b) for b in budgets]
+    backends = [("cuda", b, {}) for b in budgets]  # (backend, SM budget, EPGroup keywords)
+    if args.hosts > 1:
+        # The ranks split into emulated hosts: inter-host leg XLA all_to_all, intra-host leg
+        # the cuda kernels or XLA.
+        hosts = [args.hosts * r // world for r in range(world)]
+        backends += [("hierarchical", budgets[0], dict(hosts=hosts, intra_host=leg))
+                     for leg in ("cuda", "xla")]
     if not args.skip_reference and world == 1:
-        backends.append(("reference", None))
-    for backend, sms in backends:
+        backends.append(("reference", None, {}))
+    for backend, sms, group_kwargs in backends:
         cfg = jax_ep.EPConfig(num_experts=e, top_k=k, max_tokens=t, hidden_size=h,
                               num_sms=sms or 24)
-        group = jax_ep.EPGroup(mesh, "expert", cfg, backend=backend)
+        group = jax_ep.EPGroup(mesh, "expert", cfg, backend=backend, **group_kwargs)
         dispatch, combine = ep_programs(group)
         key = backend if sms is None else f"{backend}_sms{sms}"
+        if "intra_host" in group_kwargs:
+            key = f"{backend}_{group_kwargs['intra_host']}_sms{sms}"
         row[f"{key}_dispatch_s"] = timed(dispatch, sets, args.reps, args.trials)
         dispatched = [dispatch(*s) for s in sets]
         row[f"{key}_combine_s"] = timed(combine, dispatched, args.reps, args.trials)
         del dispatched
-        if name == "decode" and backend == "cuda":
+        if name == "decode" and backend != "reference":
             row[f"{key}_graph_round_s"] = graph_round_time(group, mesh, host_sets, to_global,
                                                            args)
         group.close()

@@ -37,7 +37,10 @@ if __name__ == "__main__":
         args.remove("--mps")
         start_mps()
     try:
-        results = mp_launch.launch("bench.bench_ep", world, args, timeout_s=540)
+        # Each process its own NCCL host: the XLA collectives of --hosts runs pass NCCL's
+        # one-rank-per-GPU check (tests/mp_launch.py); nothing else here uses NCCL.
+        results = mp_launch.launch("bench.bench_ep", world, args, timeout_s=540,
+                                   nccl_host_per_process=True)
     finally:
         if mps:
             stop_mps()

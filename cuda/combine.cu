@@ -32,6 +32,22 @@ struct CombineParams {
   float* slot_values;
 };
 
+// A reduced vector of kN floats to the output row: in the rows' type (one 16-byte vector), or
+// as float32 (kN / 4 vectors), for partial sums that are added again later.
+template <typename T, bool kOutF32>
+__device__ __forceinline__ void StoreSum(int4* out_row, int v, const float* acc) {
+  using V = Vec16F32<T>;
+  if constexpr (kOutF32) {
+    float4* dst = reinterpret_cast<float4*>(out_row) + v * (V::kN / 4);
+#pragma unroll
+    for (int q = 0; q < V::kN / 4; ++q) {
+      dst[q] = make_float4(acc[4 * q], acc[4 * q + 1], acc[4 * q + 2], acc[4 * q + 3]);
+    }
+  } else {
+    out_row[v] = V::Store(acc);
+  }
+}
+
 __global__ void __launch_bounds__(kThreads) PushKernel(CombineParams p) {
   const CommEnv& env = p.env;
   const CommLayout& L = env.layout;
@@ -75,7 +91,7 @@ __global__ void __launch_bounds__(kThreads) PushKernel(CombineParams p) {
 // kPerLane = 4); no spills either way (ptxas -v).
 constexpr int ReduceThreads(int per_lane) { return per_lane >= 4 ? 512 : 768; }
 
-template <typename T, int kGroup, int kPerLane>
+template <typename T, int kGroup, int kPerLane, bool kOutF32>
 __global__ void __launch_bounds__(ReduceThreads(kPerLane)) ReduceKernel(CombineParams p) {
   using V = Vec16F32<T>;
   const CommEnv& env = p.env;
@@ -116,7 +132,8 @@ __global__ void __launch_bounds__(ReduceThreads(kPerLane)) ReduceKernel(CombineP
     if (!p.out) continue;
     const unsigned delivered = __ballot_sync(0xffffffffu, src != nullptr);
     const unsigned remote_mask = __ballot_sync(0xffffffffu, remote);
-    int4* dst = p.out + static_cast<long long>(t) * vecs;
+    // An output row is vecs vectors of T, or vecs * kN / 4 float4 when kOutF32.
+    int4* dst = p.out + static_cast<long long>(t) * vecs * (kOutF32 ? V::kN / 4 : 1);
     const int unit_end = (piece + 1) * units / pieces;
     for (int u0 = piece * units / pieces; u0 < unit_end; u0 += kPerLane) {
       const int v0 = u0 * kWarp + lane;
@@ -153,7 +170,7 @@ __global__ void __launch_bounds__(ReduceThreads(kPerLane)) ReduceKernel(CombineP
 #pragma unroll
       for (int u = 0; u < kPerLane; ++u) {
         const int v = v0 + u * kWarp;
-        if (v < v_end) dst[v] = V::Store(acc[u]);
+        if (v < v_end) StoreSum<T, kOutF32>(dst, v, acc[u]);
       }
     }
   }
@@ -161,13 +178,13 @@ __global__ void __launch_bounds__(ReduceThreads(kPerLane)) ReduceKernel(CombineP
 
 int Blocks(const CallShape& s) { return s.num_blocks > 0 ? s.num_blocks : 1; }
 
-template <typename T>
+template <typename T, bool kOutF32>
 cudaError_t LaunchReduce(const CombineParams& p, cudaStream_t stream) {
   const int k = p.shape.top_k;
   if (k > 2) {
-    ReduceKernel<T, 4, 2><<<Blocks(p.shape), ReduceThreads(2), 0, stream>>>(p);
+    ReduceKernel<T, 4, 2, kOutF32><<<Blocks(p.shape), ReduceThreads(2), 0, stream>>>(p);
   } else {
-    ReduceKernel<T, 2, 4><<<Blocks(p.shape), ReduceThreads(4), 0, stream>>>(p);
+    ReduceKernel<T, 2, 4, kOutF32><<<Blocks(p.shape), ReduceThreads(4), 0, stream>>>(p);
   }
   return cudaGetLastError();
 }
@@ -184,10 +201,15 @@ cudaError_t LaunchCombine(const CombineArgs& a, cudaStream_t stream) {
     PushKernel<<<Blocks(a.shape), kThreads, 0, stream>>>(p);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
+  // float32 rows give float32 sums already; only 16-bit rows have a second (f32) output kind.
   switch (a.elem) {
-    case ElemType::kF32: return LaunchReduce<float>(p, stream);
-    case ElemType::kBF16: return LaunchReduce<__nv_bfloat16>(p, stream);
-    case ElemType::kF16: return LaunchReduce<__half>(p, stream);
+    case ElemType::kF32: return LaunchReduce<float, false>(p, stream);
+    case ElemType::kBF16:
+      return a.out_f32 ? LaunchReduce<__nv_bfloat16, true>(p, stream)
+                       : LaunchReduce<__nv_bfloat16, false>(p, stream);
+    case ElemType::kF16:
+      return a.out_f32 ? LaunchReduce<__half, true>(p, stream)
+                       : LaunchReduce<__half, false>(p, stream);
   }
   return cudaErrorInvalidValue;
 }

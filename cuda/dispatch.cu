@@ -27,7 +27,7 @@ struct SendParams {
   int32_t* dest_row;
   int4* out_x;                // [C, H] or null
   float* out_values;          // [C] or null
-  int32_t* out_row_src;       // [C], dispatch only
+  int32_t* out_row_src;       // [C]: dispatch always, redispatch when asked (or null)
   const int32_t* num_recv;    // []: rows in use on this rank
 };
 
@@ -110,11 +110,12 @@ __global__ void __launch_bounds__(kThreads) SendKernel(SendParams p) {
         if (d == env.rank) {
           At<int32_t>(env, d, L.row_primary)[row] = -1;  // written in place
           if (p.out_values) p.out_values[row] = p.slot_values[f];
-          if constexpr (kDispatch) p.out_row_src[row] = src_id;
+          if (p.out_row_src) p.out_row_src[row] = src_id;
         } else {
           At<int32_t>(env, d, L.row_primary)[row] = static_cast<int32_t>(primary);
           if (p.slot_values) At<float>(env, d, L.row_f32)[row] = p.slot_values[f];
-          if constexpr (kDispatch) At<int32_t>(env, d, L.row_src)[row] = src_id;
+          // Every rank runs the same call, so the receiver wants row_src iff this sender does.
+          if (p.out_row_src) At<int32_t>(env, d, L.row_src)[row] = src_id;
         }
       }
     }
@@ -156,7 +157,6 @@ __global__ void __launch_bounds__(kThreads) SendKernel(SendParams p) {
   }
 }
 
-template <bool kDispatch>
 __global__ void __launch_bounds__(kThreads) FinalizeKernel(FinalizeParams p) {
   const CommEnv& env = p.env;
   const CommLayout& L = env.layout;
@@ -187,12 +187,12 @@ __global__ void __launch_bounds__(kThreads) FinalizeKernel(FinalizeParams p) {
         }
         if (lane == j) {
           if (p.out_values) p.out_values[r] = __ldcg(&staged_values[r]);
-          if constexpr (kDispatch) p.out_row_src[r] = __ldcg(&staged_src[r]);
+          if (p.out_row_src) p.out_row_src[r] = __ldcg(&staged_src[r]);
         }
       }
     }
   }
-  ZeroTail(p.num_recv, capacity, vecs, p.out_x, p.out_values, kDispatch ? p.out_row_src : nullptr);
+  ZeroTail(p.num_recv, capacity, vecs, p.out_x, p.out_values, p.out_row_src);
 }
 
 int Blocks(const CallShape& s) { return s.num_blocks > 0 ? s.num_blocks : 1; }
@@ -212,7 +212,7 @@ cudaError_t LaunchDispatch(const DispatchArgs& a, cudaStream_t stream) {
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   if (a.env.num_ranks == 1) return cudaSuccess;  // the send pass wrote every row
   FinalizeParams fp{a.env, s, a.num_recv, static_cast<int4*>(a.out_x), a.out_weights, a.row_src};
-  FinalizeKernel<true><<<Blocks(s), kThreads, 0, stream>>>(fp);
+  FinalizeKernel<<<Blocks(s), kThreads, 0, stream>>>(fp);
   return cudaGetLastError();
 }
 
@@ -223,12 +223,13 @@ cudaError_t LaunchRedispatch(const RedispatchArgs& a, cudaStream_t stream) {
   if (a.env.num_ranks > 1 && (err = LaunchBarrier(a.env, stream)) != cudaSuccess) return err;
   SendParams sp{a.env, s, static_cast<const int4*>(a.x), a.slot_values, nullptr,
                 const_cast<int32_t*>(a.dest_rank), const_cast<int32_t*>(a.dest_row),
-                static_cast<int4*>(a.out_x), a.out_values, nullptr, a.num_recv};
+                static_cast<int4*>(a.out_x), a.out_values, a.out_row_src, a.num_recv};
   SendKernel<false><<<Blocks(s), kThreads, 0, stream>>>(sp);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   if (a.env.num_ranks == 1) return cudaSuccess;
-  FinalizeParams fp{a.env, s, a.num_recv, static_cast<int4*>(a.out_x), a.out_values, nullptr};
-  FinalizeKernel<false><<<Blocks(s), kThreads, 0, stream>>>(fp);
+  FinalizeParams fp{a.env, s, a.num_recv, static_cast<int4*>(a.out_x), a.out_values,
+                    a.out_row_src};
+  FinalizeKernel<<<Blocks(s), kThreads, 0, stream>>>(fp);
   return cudaGetLastError();
 }
 

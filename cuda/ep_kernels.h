@@ -40,7 +40,9 @@ struct DispatchArgs {
   int32_t* num_invalid;      // []: ids of topk_idx outside [-1, E)
 };
 
-// Moves x [T, H] (optional) and slot_values [T, k] (optional) along an existing routing.
+// Moves x [T, H] (optional) and slot_values [T, k] (optional) along an existing routing, and
+// optionally reports each row's source slot (the hierarchical backend's intra-host leg, whose
+// routing comes from elsewhere and which needs row_src; dispatch's own handle has it).
 struct RedispatchArgs {
   CommEnv env;
   CallShape shape;
@@ -51,6 +53,7 @@ struct RedispatchArgs {
   const int32_t* num_recv;     // []
   void* out_x;                 // [C, H] or null
   float* out_values;           // [C] or null
+  int32_t* out_row_src;        // [C] or null: rank * T * k + t * k + j of each row, -1 past num_recv
 };
 
 struct CombineArgs {
@@ -64,7 +67,8 @@ struct CombineArgs {
   const int32_t* dest_row;     // [T, k]
   const int32_t* row_src;      // [C]
   const int32_t* num_recv;     // []
-  void* out;                   // [T, H] or null
+  void* out;                   // [T, H] or null: rows' type, or float32 when out_f32
+  bool out_f32;                // float32 sums of lower-precision rows (no rounding to their type)
   float* slot_values;          // [T, k] or null
 };
 

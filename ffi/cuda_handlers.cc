@@ -91,7 +91,8 @@ ffi::Error RedispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
                           ffi::Buffer<ffi::F32> slot_values, ffi::Buffer<ffi::S32> dest_rank,
                           ffi::Buffer<ffi::S32> dest_row, ffi::Buffer<ffi::S32> num_recv,
                           ffi::Result<ffi::AnyBuffer> out_x,
-                          ffi::Result<ffi::Buffer<ffi::F32>> out_values, int64_t group_id) {
+                          ffi::Result<ffi::Buffer<ffi::F32>> out_values,
+                          ffi::Result<ffi::Buffer<ffi::S32>> out_row_src, int64_t group_id) {
   auto ctx = Lookup(group_id, device);
   if (ctx.has_error()) return ctx.error();
   const auto rd = dest_rank.dimensions();
@@ -100,7 +101,11 @@ ffi::Error RedispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   if (rd.size() != 2 || xd.size() != 2 || (has_x && xd[0] != rd[0])) {
     return InvalidArgument("redispatch expects x [T, H] and dest_rank [T, k]");
   }
-  const int64_t capacity = has_x ? out_x->dimensions()[0] : out_values->dimensions()[0];
+  const bool has_values = slot_values.element_count() != 0;
+  const bool has_row_src = out_row_src->element_count() != 0;
+  const int64_t capacity = has_x ? out_x->dimensions()[0]
+                           : has_values ? out_values->dimensions()[0]
+                                        : out_row_src->dimensions()[0];
   auto shape = Shape(**ctx, rd[0], rd[1], has_x ? xd[1] : 0, ffi::ByteWidth(x.element_type()),
                      capacity);
   if (shape.has_error()) return shape.error();
@@ -108,13 +113,13 @@ ffi::Error RedispatchImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer x,
   a.env = (*ctx)->Env();
   a.shape = *shape;
   a.x = has_x ? x.untyped_data() : nullptr;
-  const bool has_values = slot_values.element_count() != 0;
   a.slot_values = has_values ? slot_values.typed_data() : nullptr;
   a.dest_rank = dest_rank.typed_data();
   a.dest_row = dest_row.typed_data();
   a.num_recv = num_recv.typed_data();
   a.out_x = has_x ? out_x->untyped_data() : nullptr;
   a.out_values = has_values ? out_values->typed_data() : nullptr;
+  a.out_row_src = has_row_src ? out_row_src->typed_data() : nullptr;
   const cudaError_t err = LaunchRedispatch(a, stream);
   return err == cudaSuccess ? ffi::Error::Success() : CudaError(err, "redispatch");
 }
@@ -151,6 +156,13 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer rows,
   a.row_src = row_src.typed_data();
   a.num_recv = num_recv.typed_data();
   a.out = has_rows ? out->untyped_data() : nullptr;
+  // float32 output of 16-bit rows: unrounded partial sums (the hierarchical backend adds them
+  // across hosts).
+  a.out_f32 = has_rows && out->element_type() == ffi::DataType::F32;
+  if (has_rows && (out->dimensions().size() != 2 || out->dimensions()[1] != xd[1] ||
+                   (out->element_type() != rows.element_type() && !a.out_f32))) {
+    return InvalidArgument("combine's output must be [T, H] in the rows' type or float32");
+  }
   a.slot_values = has_values ? slot_values->typed_data() : nullptr;
   const cudaError_t err = LaunchCombine(a, stream);
   return err == cudaSuccess ? ffi::Error::Success() : CudaError(err, "combine");
@@ -189,6 +201,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxEpRedispatchCuda, jax_ep::RedispatchImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("group_id"),
                               {ffi::Traits::kCmdBufferCompatible});
 

@@ -48,7 +48,7 @@ def processes_of(mesh: Mesh) -> tuple[int, ...]:
 
 
 def describe(config: EPConfig, mesh: Mesh, axis_name: str, index: int, backend: str,
-             hosts: Sequence[Any] | None) -> dict[str, str]:
+             hosts: Sequence[Any] | None, intra_host: str = "auto") -> dict[str, str]:
     """What every process must agree on, field by field (compared as text)."""
     fields = {f"config.{f.name}": repr(getattr(config, f.name))
               for f in dataclasses.fields(config)}
@@ -58,6 +58,7 @@ def describe(config: EPConfig, mesh: Mesh, axis_name: str, index: int, backend: 
         "mesh.device_ids": repr(tuple(int(d.id) for d in mesh.devices.flat)),
         "axis_name": repr(axis_name),
         "backend": repr(backend),
+        "intra_host": repr(intra_host),
         "hosts": repr(None if hosts is None else tuple(hosts)),
         "creation_index": repr(index),
     })
@@ -127,7 +128,7 @@ class GroupCoordinator:
 
 
 def create(mesh: Mesh, axis_name: str, config: EPConfig, *, backend: str,
-           hosts: Sequence[Any] | None) -> GroupCoordinator:
+           hosts: Sequence[Any] | None, intra_host: str = "auto") -> GroupCoordinator:
     """The collective part of EPGroup creation: checks every process built the same group.
 
     Raises ValueError naming the process and the differing fields when setups differ, and
@@ -150,7 +151,7 @@ def create(mesh: Mesh, axis_name: str, config: EPConfig, *, backend: str,
     if coord.client is None:
         raise ValueError(f"EPGroup: the mesh spans processes {list(processes)}; call "
                          f"jax.distributed.initialize() in every process first")
-    fields = describe(config, mesh, axis_name, index, backend, hosts)
+    fields = describe(config, mesh, axis_name, index, backend, hosts, intra_host)
     coord.publish("hello", json.dumps({"digest": _digest(fields), "fields": fields,
                                        "hostname": coord.hostnames[me]}))
     for p, text in coord.fetch_all("hello", "create this EPGroup").items():

@@ -15,6 +15,7 @@ from jax_ep.backends.reference import ReferenceBackend
 from jax_ep.config import EPConfig
 
 BACKENDS = ("auto", "reference", "cuda", "hierarchical")
+INTRA_HOST = ("auto", "cuda", "xla")
 _open_groups: "weakref.WeakSet[EPGroup]" = weakref.WeakSet()
 _creation_order = itertools.count()
 
@@ -47,6 +48,16 @@ def _resolve_backend(backend: str, mesh: Mesh, num_hosts: int) -> str:
     return backend
 
 
+def _resolve_intra_host(intra_host: str, mesh: Mesh) -> str:
+    on_gpus = all(d.platform == "gpu" for d in mesh.devices.flat)
+    if intra_host == "auto":
+        return "cuda" if on_gpus and cuda_available() else "xla"
+    if intra_host == "cuda" and not (on_gpus and cuda_available()):
+        raise ValueError("EPGroup: intra_host='cuda' needs a mesh of GPU devices and jax_ep built "
+                         "with nvcc; use intra_host='xla' (or 'auto')")
+    return intra_host
+
+
 class EPGroup:
     """Experts spread over mesh axis `axis_name`; one EP group per slice of the other axes.
 
@@ -59,6 +70,10 @@ class EPGroup:
       hosts: the host of each rank along the EP axis (any labels, e.g. [0, 0, 1, 1]); None
         discovers it from the devices' processes and their host names (one host with one
         process). Override it to run the hierarchical backend on one machine.
+      intra_host: the hierarchical backend's leg inside a host: "cuda" (the cuda kernels over
+        NVLink / CUDA IPC; needs EPConfig.max_tokens and hidden_size), "xla" (grouped XLA
+        all_to_all), or "auto" (cuda on GPUs when built with CUDA, else xla). Other backends
+        ignore it.
 
     Creation is collective over the processes holding the mesh's devices: each checks that the
     others created the same group (ValueError naming the differing process and fields) and a
@@ -69,7 +84,7 @@ class EPGroup:
     """
 
     def __init__(self, mesh: Mesh, axis_name: str, config: EPConfig, backend: str = "auto",
-                 hosts: Sequence[Any] | None = None):
+                 hosts: Sequence[Any] | None = None, intra_host: str = "auto"):
         if not isinstance(mesh, Mesh):
             raise ValueError(f"EPGroup: mesh must be a jax.sharding.Mesh, got {type(mesh)}")
         if axis_name not in mesh.axis_names:
@@ -83,6 +98,9 @@ class EPGroup:
                              f"{n} ranks of axis {axis_name!r}; choose E as a multiple of N")
         if backend not in BACKENDS:
             raise ValueError(f"EPGroup: backend must be one of {BACKENDS}, got {backend!r}")
+        if intra_host not in INTRA_HOST:
+            raise ValueError(f"EPGroup: intra_host must be one of {INTRA_HOST}, got "
+                             f"{intra_host!r}")
         self.mesh = mesh
         self.axis_name = axis_name
         self.config = config
@@ -90,18 +108,28 @@ class EPGroup:
         self.experts_per_rank = config.num_experts // n
         given = topology.from_labels(hosts, n) if hosts is not None else None
         self._coordinator = coordination.create(mesh, axis_name, config, backend=backend,
-                                                hosts=hosts)
+                                                hosts=hosts, intra_host=intra_host)
         self.topology = given or topology.discover(mesh, axis_name, self._coordinator.hostnames)
         self.backend_name = _resolve_backend(backend, mesh, self.topology.num_hosts)
+        self.intra_host: str | None = None  # the hierarchical backend's intra-host leg
         self.backend: Any
         if self.backend_name == "cuda":
             from jax_ep.backends.cuda import CudaBackend
 
             self.backend = CudaBackend(mesh, axis_name, config, self._coordinator)
         elif self.backend_name == "hierarchical":
-            from jax_ep.backends.hierarchical import HierarchicalBackend
+            from jax_ep.backends.hierarchical import HierarchicalBackend, XlaIntraHostLeg
 
-            self.backend = HierarchicalBackend(axis_name, self.topology)
+            self.topology.check_uniform("EPGroup(backend='hierarchical')")
+            self.intra_host = _resolve_intra_host(intra_host, mesh)
+            if self.intra_host == "cuda":
+                from jax_ep.backends.cuda_intra_host import CudaIntraHostLeg
+
+                intra = CudaIntraHostLeg(mesh, axis_name, self.topology, config,
+                                         self._coordinator)
+            else:
+                intra = XlaIntraHostLeg(axis_name, self.topology)
+            self.backend = HierarchicalBackend(axis_name, self.topology, intra)
         else:
             self.backend = ReferenceBackend(axis_name)
         self._closed = False
@@ -137,8 +165,9 @@ class EPGroup:
         self.close()
 
     def __repr__(self) -> str:
+        intra = f", intra_host={self.intra_host!r}" if self.intra_host else ""
         return (f"EPGroup(axis={self.axis_name!r}, N={self.num_ranks}, "
-                f"E={self.config.num_experts}, backend={self.backend_name!r})")
+                f"E={self.config.num_experts}, backend={self.backend_name!r}{intra})")
 
 
 @atexit.register

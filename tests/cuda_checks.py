@@ -2,8 +2,11 @@
 process (pytest, tests/test_cuda.py) and in N processes sharing one GPU (tests/mp_worker.py).
 
 Every input is generated for all ranks from a seed in every process; each process checks the
-ranks it holds. No XLA collective is used (NCCL refuses two ranks on one GPU): only jax_ep's
-custom calls cross devices, and cotangents are fed per rank with jax.vjp inside shard_map.
+ranks it holds. The flat cuda backend uses no XLA collective (only jax_ep's custom calls cross
+devices) and cotangents are fed per rank with jax.vjp inside shard_map; the hierarchical
+backend's checks (group_kwargs=dict(hosts=..., intra_host=...)) add its XLA collectives, which
+across processes sharing one GPU need each process to be its own NCCL host
+(mp_launch.launch(nccl_host_per_process=True)).
 """
 
 from __future__ import annotations
@@ -82,14 +85,15 @@ def local_parts(tree) -> dict[int, object]:
     return out
 
 
-def make_group(mesh: Mesh, case: Case, backend: str = "cuda", **extra) -> jax_ep.EPGroup:
+def make_group(mesh: Mesh, case: Case, backend: str = "cuda", group_kwargs: dict | None = None,
+               **extra) -> jax_ep.EPGroup:
     n = mesh.shape["expert"]
     cfg = jax_ep.EPConfig(num_experts=case.experts_per_rank * n, top_k=case.top_k,
                           max_tokens=max(case.tokens, 1), hidden_size=case.hidden,
                           dtype=case.dtype, capacity_factor=case.capacity_factor,
                           num_sms=extra.pop("num_sms", 8), timeout_s=extra.pop("timeout_s", 60.0),
                           **extra)
-    return jax_ep.EPGroup(mesh, "expert", cfg, backend=backend)
+    return jax_ep.EPGroup(mesh, "expert", cfg, backend=backend, **(group_kwargs or {}))
 
 
 def _per_rank_program(group: jax_ep.EPGroup):
@@ -125,13 +129,14 @@ def inputs_for(case: Case, num_ranks: int, seed: int):
     return x, idx, w, ct_rows, ct_row_w, ct_out, cfg_capacity
 
 
-def check_case(mesh: Mesh, case: Case, seed: int = 0, backend: str = "cuda") -> int:
-    """Runs `case` on `backend` and checks every rank this process holds against the oracle;
-    returns how many ranks it checked."""
+def check_case(mesh: Mesh, case: Case, seed: int = 0, backend: str = "cuda",
+               group_kwargs: dict | None = None) -> int:
+    """Runs `case` on `backend` (EPGroup keywords group_kwargs) and checks every rank this
+    process holds against the oracle; returns how many ranks it checked."""
     n = mesh.shape["expert"]
     x, idx, w, ct_rows, ct_row_w, ct_out, capacity = inputs_for(case, n, seed)
     want = oracle.dispatch(x, idx, w, case.experts_per_rank * n, capacity)
-    group = make_group(mesh, case, backend=backend)
+    group = make_group(mesh, case, backend=backend, group_kwargs=group_kwargs)
     try:
         program = _per_rank_program(group)
         args = [to_global(a, mesh) for a in (x, idx, w, ct_rows, ct_row_w, ct_out)]
@@ -191,7 +196,8 @@ def _combine_vjp_oracle(want: oracle.OracleDispatch, ct_out, r: int, case: Case)
     return ct_rows, ct_w
 
 
-def check_scan_rounds(mesh: Mesh, rounds: int = 20, seed: int = 1, backend: str = "cuda") -> int:
+def check_scan_rounds(mesh: Mesh, rounds: int = 20, seed: int = 1, backend: str = "cuda",
+                      group_kwargs: dict | None = None) -> int:
     """lax.scan of `rounds` dispatch/combine rounds, a new routing each round: sequence numbers
     and buffer reuse across calls inside one jitted loop."""
     n = mesh.shape["expert"]
@@ -201,7 +207,7 @@ def check_scan_rounds(mesh: Mesh, rounds: int = 20, seed: int = 1, backend: str 
     idx = np.stack([a for a, _ in routed], axis=1)  # [N, rounds, T, k]
     w = np.stack([b for _, b in routed], axis=1)
     x = harness.random_tokens(rng, n, case.tokens, case.hidden, jnp.bfloat16)
-    group = make_group(mesh, case, backend=backend)
+    group = make_group(mesh, case, backend=backend, group_kwargs=group_kwargs)
 
     def body(x0, idx_r, w_r):
         def step(carry, inputs):

@@ -6,7 +6,8 @@
 # Stages: build (compile; copies the extension to $OUT for later calls to carry), one_gpu (pytest
 # -m gpu, single process), mp (N = 2, 4, 8 processes sharing the GPU, and the timeout test),
 # bench1 / bench8 (bench/bench_ep.py at world size 1 / 8 processes), multigpu
-# (bench/bench_multigpu.py over every GPU), ncu (per-kernel device time), pytest:EXPR.
+# (bench/bench_multigpu.py over every GPU), ncu (per-kernel device time), pytest:EXPR (pytest -m gpu
+# -k EXPR), mps_on / mps_off (an MPS daemon for the stages between them).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 LOGS="$OUT/logs"
@@ -48,7 +49,13 @@ for s in "$@"; do
       fi
       stage "$s" ${MP_LIMIT:-400} python3 -m pytest -m gpu -v -rA --durations=10 -k "processes or never_arrives" tests
       if [ "$s" = mp_mps ]; then echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; fi ;;
-    pytest:*) stage pytest 400 python3 -m pytest -m gpu -v -rA -k "${s#pytest:}" tests ;;
+    mps_on)  # an MPS daemon for the stages that follow (until mps_off)
+      export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
+      mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY && nvidia-cuda-mps-control -d ;;
+    mps_off) echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY ;;
+    pytest:*) n_pytest=$(( ${n_pytest:-0} + 1 ))
+      stage "pytest$n_pytest" ${PYTEST_LIMIT:-400} python3 -m pytest -m gpu -v -rA --durations=5 \
+        -k "${s#pytest:}" tests ;;
     bench1) stage bench1 200 python3 bench/bench_ep.py --out "$LOGS" ${BENCH_ARGS:-} ;;
     bench8)  # 8 processes sharing the GPU under MPS: the decode shape, then the large shapes at
              # 512 tokens per rank (8 ranks' buffers must fit in one GPU)
@@ -56,6 +63,12 @@ for s in "$@"; do
         --reps 10 --trials 5 --out "$LOGS" --tag _decode
       stage bench8_large 200 python3 bench/run_world.py 8 --mps --num-sms 8 --shapes \
         deepseek_v3,mixtral --tokens 512 --reps 4 --trials 5 --out "$LOGS" --tag _t512 ;;
+    bench_hier)  # 4 processes sharing the GPU as 2 emulated hosts: the hierarchical backend's
+                 # two intra-host legs against the flat cuda backend (one host)
+      stage bench_hier_decode 200 python3 bench/run_world.py 4 --mps --num-sms 8 --hosts 2 \
+        --shapes decode --reps 4 --trials 5 --rounds 20 --out "$LOGS" --tag _hier_decode
+      stage bench_hier_mixtral 200 python3 bench/run_world.py 4 --mps --num-sms 8 --hosts 2 \
+        --shapes mixtral --tokens 1024 --reps 4 --trials 5 --out "$LOGS" --tag _hier_t1024 ;;
     lowlat1) stage lowlat1 240 python3 bench/bench_lowlat.py --fp8 --normal --num-sms ${LL_SMS:-24} \
         --out "$LOGS" ;;
     lowlat8) stage lowlat8 240 python3 bench/bench_lowlat.py --world 8 --mps --num-sms 8 \

@@ -31,9 +31,9 @@ def main() -> int:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(f"127.0.0.1:{args.port}", num_processes=args.world,
                                    process_id=args.rank)
-    else:
+    else:  # one GPU each (CUDA_VISIBLE_DEVICES), or all sharing one as NCCL hosts of their own
         jax.distributed.initialize(f"127.0.0.1:{args.port}", num_processes=args.world,
-                                   process_id=args.rank, local_device_ids=[args.rank])
+                                   process_id=args.rank)
     import numpy as np
     from jax.sharding import Mesh
 
@@ -92,7 +92,8 @@ def cases_mode(args, mesh) -> int:
     want_gx = 2 * np.where(routed, w, 0).sum(-1)[..., None] * r
     want_gw = np.where(routed, 2 * np.einsum("nth,nth->nt", x, r)[..., None], 0)
     inputs = [_global(mesh, a) for a in (x, idx, w, r)]
-    cfg = jax_ep.EPConfig(num_experts=e, top_k=k)
+    # Buffer sizes for the cuda intra-host leg (the default on GPUs); unused on CPUs.
+    cfg = jax_ep.EPConfig(num_experts=e, top_k=k, max_tokens=t, hidden_size=h, dtype="float32")
     discovered = tuple(2 * d.process_index // args.world for d in mesh.devices.flat)
     setups = [("reference", "reference", None, None),
               ("hierarchical, 4 hosts given", "hierarchical", [4 * i // n for i in range(n)], 4),
@@ -103,6 +104,7 @@ def cases_mode(args, mesh) -> int:
         if num_hosts is not None:
             assert group.backend_name == "hierarchical", group
             assert group.topology.num_hosts == num_hosts, group.topology
+            assert group.intra_host == ("cuda" if args.platform == "gpu" else "xla"), group
         if hosts is None and num_hosts == 2:
             assert group.topology.host_of == discovered, (group.topology, discovered)
         run = harness.per_rank(mesh, lambda a, i, b: (lambda dd: (dd, jax_ep.combine(

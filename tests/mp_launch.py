@@ -22,12 +22,16 @@ def free_port() -> int:
 def launch(module: str, world: int, args: list[str], timeout_s: float = 600,
            mem_fraction: float | None = None,
            env: dict[str, str] | None = None,
-           one_gpu_each: bool = False) -> list[tuple[int, str]]:
+           one_gpu_each: bool = False,
+           nccl_host_per_process: bool = False) -> list[tuple[int, str]]:
     """Runs `world` ranks of `module`; returns [(exit code, output)] in rank order. A rank still
     running after timeout_s is killed (exit code -9). `env` is added to the workers'
     environment last (e.g. XLA_FLAGS for emulated CPU devices). one_gpu_each: rank r sees only
     GPU r (CUDA_VISIBLE_DEVICES), the one-process-per-GPU layout; otherwise every rank sees
-    every GPU and they share them (on one GPU: N processes on the same device)."""
+    every GPU and they share them (on one GPU: N processes on the same device).
+    nccl_host_per_process: each rank tells NCCL it is a host of its own (NCCL_HOSTID), so XLA
+    collectives between processes that share a GPU pass NCCL's one-rank-per-GPU check (which
+    only compares ranks of one host) and go through NCCL's socket transport on loopback."""
     port = free_port()
     extra_env, env = env, dict(os.environ)
     env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(mem_fraction or min(0.3, 0.6 / world))
@@ -40,7 +44,9 @@ def launch(module: str, world: int, args: list[str], timeout_s: float = 600,
     for rank in range(world):
         cmd = [sys.executable, "-X", "faulthandler", "-m", module, "--rank", str(rank), "--world", str(world),
                "--port", str(port), *args]
-        rank_env = dict(env, CUDA_VISIBLE_DEVICES=str(rank)) if one_gpu_each else env
+        rank_env = dict(env, CUDA_VISIBLE_DEVICES=str(rank)) if one_gpu_each else dict(env)
+        if nccl_host_per_process:
+            rank_env.update(NCCL_HOSTID=f"jax-ep-test-{port}-{rank}", NCCL_SOCKET_IFNAME="lo")
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=rank_env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     deadline = time.monotonic() + timeout_s

@@ -1,5 +1,7 @@
-"""One rank of the multi-process GPU tests (see tests/test_cuda.py): N processes share one GPU
-through jax.distributed on 127.0.0.1 and CUDA IPC; only jax_ep's custom calls cross ranks."""
+"""One rank of the multi-process GPU tests (tests/test_cuda.py, tests/test_hierarchical_cuda.py):
+N processes share one GPU through jax.distributed on 127.0.0.1 and CUDA IPC. In the cuda modes
+only jax_ep's custom calls cross ranks; the hierarchical mode adds XLA collectives (NCCL), for
+which the launcher makes every process an NCCL host of its own."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ def main() -> int:
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world", type=int, required=True)
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--mode", choices=["cases", "timeout", "padded"], default="cases")
+    parser.add_argument("--mode", choices=["cases", "timeout", "padded", "hierarchical"],
+                        default="cases")
     args = parser.parse_args()
 
     import jax
@@ -25,7 +28,8 @@ def main() -> int:
 
     mesh = Mesh(np.array(jax.devices()), ("expert",))
     assert mesh.devices.size == args.world, jax.devices()
-    modes = {"cases": cases_mode, "timeout": timeout_mode, "padded": padded_mode}
+    modes = {"cases": cases_mode, "timeout": timeout_mode, "padded": padded_mode,
+             "hierarchical": hierarchical_mode}
     code = modes[args.mode](args, mesh)
     # Leave together: a rank that exits while another still talks to the coordination service
     # (hosted by rank 0) makes the survivors abort.
@@ -45,6 +49,26 @@ def cases_mode(args, mesh) -> int:
         print(f"rank {args.rank}/{args.world}: {case.name} ok ({time.perf_counter() - t0:.1f} s)")
     cuda_checks.check_scan_rounds(mesh)
     print(f"rank {args.rank}/{args.world}: scan_20_rounds ok")
+    return 0
+
+
+def hierarchical_mode(args, mesh) -> int:
+    """The hierarchical backend with the ranks split into 2 emulated hosts: the inter-host leg
+    is XLA all_to_all (NCCL), the intra-host leg the cuda kernels (CUDA IPC) or XLA."""
+    from tests import cuda_checks
+
+    hosts = [2 * r // args.world for r in range(args.world)]
+    for leg in ("cuda", "xla"):
+        kwargs = dict(hosts=hosts, intra_host=leg)
+        for case in cuda_checks.CASES:
+            t0 = time.perf_counter()
+            cuda_checks.check_case(mesh, case, seed=args.world, backend="hierarchical",
+                                   group_kwargs=kwargs)
+            print(f"rank {args.rank}/{args.world}: hierarchical/{leg} {case.name} ok "
+                  f"({time.perf_counter() - t0:.1f} s)", flush=True)
+    cuda_checks.check_scan_rounds(mesh, backend="hierarchical",
+                                  group_kwargs=dict(hosts=hosts, intra_host="cuda"))
+    print(f"rank {args.rank}/{args.world}: hierarchical/cuda scan_20_rounds ok", flush=True)
     return 0
 
 

@@ -1,5 +1,6 @@
-"""The GPU test program (tests/cuda_checks.py) run on the reference backend: the harness and
-its gradient oracles are right, so a GPU failure points at the kernels."""
+"""The GPU test program (tests/cuda_checks.py) run on the reference backend and the hierarchical
+one's pure-JAX leg: the harness and its gradient oracles are right, so a GPU failure points at
+the kernels."""
 
 import pytest
 
@@ -14,3 +15,10 @@ def test_cuda_checks_pass_on_reference(case):
 def test_scan_rounds_on_reference():
     assert cuda_checks.check_scan_rounds(harness.make_mesh(2), rounds=5,
                                          backend="reference") == 2
+
+
+@pytest.mark.parametrize("case", cuda_checks.CASES[:3], ids=lambda c: c.name)
+def test_cuda_checks_pass_on_hierarchical_xla_leg(case):
+    """The hierarchical GPU tests' program (tests/test_hierarchical_cuda.py) on 2 emulated hosts."""
+    assert cuda_checks.check_case(harness.make_mesh(4), case, backend="hierarchical",
+                                  group_kwargs=dict(hosts=[0, 0, 1, 1], intra_host="xla")) == 4

@@ -128,6 +128,12 @@ def test_backend_selection_and_errors():
         jax_ep.EPGroup(mesh, "expert", cfg, backend="hierarchical", hosts=[0, 0, 0, 1, 1, 1, 1, 1])
     with pytest.raises(ValueError, match="spans 2 hosts; use backend='hierarchical'"):
         jax_ep.EPGroup(mesh, "expert", cfg, backend="cuda", hosts=HOSTS["2x4"])
+    group = jax_ep.EPGroup(mesh, "expert", cfg, hosts=HOSTS["2x4"])
+    assert group.intra_host == "xla"  # CPU devices: the pure-JAX intra-host leg
+    with pytest.raises(ValueError, match="intra_host must be one of"):
+        jax_ep.EPGroup(mesh, "expert", cfg, hosts=HOSTS["2x4"], intra_host="nvlink")
+    with pytest.raises(ValueError, match="intra_host='cuda' needs a mesh of GPU devices"):
+        jax_ep.EPGroup(mesh, "expert", cfg, hosts=HOSTS["2x4"], intra_host="cuda")
 
 
 def test_topology_groups():

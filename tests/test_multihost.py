@@ -1,5 +1,5 @@
 """Multi-process EP through jax.distributed: 2 processes on 127.0.0.1 with 4 CPU devices each
-(gloo collectives) emulate 2 hosts of 4 ranks. The reference and hierarchical backends give
+(gloo collectives) emulate 2 hosts of 4 ranks (and 4 GPU processes 2 hosts of 2, marker gpu). The reference and hierarchical backends give
 every process the oracle's results; group creation detects a config mismatch and a missing
 process; close() waits for the peers. The workers are tests/mh_worker.py."""
 
@@ -42,17 +42,19 @@ def test_close_waits_for_peers():
 
 
 @pytest.mark.gpu
-def test_hierarchical_one_process_per_gpu():
-    """4 processes of one GPU each, as 2 emulated hosts of 2 ranks. The hierarchical legs are
-    XLA all_to_alls (NCCL), and NCCL refuses two ranks on one GPU, so unlike the cuda backend's
-    multi-process tests this needs a GPU per process."""
+def test_hierarchical_processes_on_gpus():
+    """4 processes as 2 emulated hosts of 2 ranks, on GPUs: the reference backend and the
+    hierarchical one (inter-host leg XLA all_to_all over NCCL, intra-host leg the cuda kernels
+    over CUDA IPC) give every process the oracle's results. With 4 GPUs each process has its
+    own; with fewer the processes share them, each made an NCCL host of its own (NCCL refuses
+    two ranks of one host on one GPU), so NCCL runs its socket transport over loopback."""
     import jax
 
-    gpus = len(jax.devices("gpu"))
-    if gpus < 4:
-        pytest.skip(f"the hierarchical backend's legs are XLA collectives (NCCL), which refuse "
-                    f"several ranks on one GPU; this test needs 4 GPUs (one per process), this "
-                    f"machine has {gpus}")
+    own = len(jax.devices("gpu")) >= 4
     results = mp_launch.launch("tests.mh_worker", 4, ["--mode", "cases", "--platform", "gpu"],
-                               timeout_s=300)
-    assert all(rc == 0 for rc, _ in results), "\n".join(out for _, out in results)
+                               timeout_s=300, one_gpu_each=own, nccl_host_per_process=not own)
+    log = "\n".join(f"--- process {i} (exit {rc}) ---\n{out}" for i, (rc, out) in
+                    enumerate(results))
+    assert all(rc == 0 for rc, _ in results), log
+    for i in range(4):
+        assert f"process {i}: cases ok" in log, log

@@ -13,8 +13,9 @@ Rank r = (host h, local index l). Dispatch:
 Combine runs the legs backwards: each rank sums its rows per (source rank, token) in float32,
 the forwarder sums those of its host, and one float32 partial per (token, host) crosses back.
 
-The intra-host leg is an object with two methods (deliver, collect), so a CUDA leg (NVLink
-writes straight into the receivers' rows) can replace the pure-JAX one (docs/multihost.md).
+The intra-host leg is an object with two methods (deliver, collect): the pure-JAX one here, or
+the cuda kernels' (jax_ep/backends/cuda_intra_host.py), which write rows straight into the
+receivers' rows over NVLink (docs/multihost.md).
 """
 
 from __future__ import annotations
@@ -52,15 +53,26 @@ class Pool(NamedTuple):
 class IntraHostLeg(Protocol):
     """Moves rows between a host's forwarders and its ranks (both directions)."""
 
-    def deliver(self, pool: Pool, sizes: Sizes):
-        """Forwarder pools -> per receiving rank (rows [C, H] | None, row_values [C] | None,
-        row_src [C]) in the flat contract's layout (rows without a slot are zero, row_src -1)."""
+    name: str
+    collect_needs_pool: bool  # collect wants the pool's routing (Pool with x, values None)
 
-    def collect(self, rows, row_scale, row_values, handle: Handle, sizes: Sizes):
+    def deliver(self, pool: Pool, num_recv: jax.Array, sizes: Sizes):
+        """Forwarder pools -> per receiving rank (rows [C, H] | None, row_values [C] | None,
+        row_src [C]) in the flat contract's layout (rows past num_recv, the receiver's row
+        count, are zero, row_src -1)."""
+
+    def collect(self, rows, row_scale, row_values, handle: Handle, pool: Pool | None,
+                sizes: Sizes):
         """Receivers' rows -> per forwarder (pool_sum [P, H] f32 | None: the sum over this
         host's rows of each pool token's slots, in a fixed order, of f32(row_scale) *
-        f32(rows); pool_values [P, k] f32 | None: each slot's row value, -0.0 where the slot
-        is not on this host)."""
+        f32(rows); pool_values [P, k] f32 | None: each slot's row value; slots not on this
+        host are ignored by the caller)."""
+
+    def check_row_layout(self, op: str, hidden: int, dtype) -> None: ...
+
+    def check(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def _all_to_all(x: jax.Array, axis_name: str, groups: list[list[int]]) -> jax.Array:
@@ -79,11 +91,23 @@ class XlaIntraHostLeg:
     order into a chunk of min(P, C) tokens (a rank receives at most C rows, so at most C tokens
     from one forwarder), with each token's source id and the dest_row of its slots there."""
 
+    name = "xla"
+    collect_needs_pool = False
+
     def __init__(self, axis_name: str, topo: Topology):
         self.axis_name = axis_name
         self.topo = topo
         self.groups = topo.intra_groups()
         self.rank_at = topo.rank_at()
+
+    def check_row_layout(self, op: str, hidden: int, dtype) -> None:
+        """Any hidden size and supported dtype works."""
+
+    def check(self) -> None:
+        """Nothing runs asynchronously that could fail later."""
+
+    def close(self) -> None:
+        """Nothing to free."""
 
     def _a2a(self, x):
         return _all_to_all(x, self.axis_name, self.groups)
@@ -93,7 +117,7 @@ class XlaIntraHostLeg:
         return (jnp.asarray(self.topo.host_of, jnp.int32)[me],
                 jnp.asarray(self.topo.local_of, jnp.int32)[me])
 
-    def deliver(self, pool: Pool, sizes: Sizes):
+    def deliver(self, pool: Pool, num_recv, sizes: Sizes):
         t, k, c = sizes.num_tokens, sizes.top_k, sizes.capacity
         num_local = self.topo.ranks_per_host
         p = self.topo.num_hosts * t
@@ -126,7 +150,7 @@ class XlaIntraHostLeg:
             values = jnp.where(has_row, got[slot], jnp.zeros((), got.dtype))
         return rows, values, row_src
 
-    def collect(self, rows, row_scale, row_values, handle: Handle, sizes: Sizes):
+    def collect(self, rows, row_scale, row_values, handle: Handle, pool, sizes: Sizes):
         n, t, k, c = sizes.num_ranks, sizes.num_tokens, sizes.top_k, sizes.capacity
         num_local = self.topo.ranks_per_host
         p = self.topo.num_hosts * t
@@ -187,13 +211,13 @@ class HierarchicalBackend:
         self.intra = intra if intra is not None else XlaIntraHostLeg(axis_name, topo)
 
     def check_row_layout(self, op: str, hidden: int, dtype) -> None:
-        """Any hidden size and supported dtype works with the pure-JAX legs."""
+        self.intra.check_row_layout(op, hidden, dtype)
 
     def check(self) -> None:
-        """Nothing runs asynchronously that could fail later."""
+        self.intra.check()
 
     def close(self) -> None:
-        """Nothing to free."""
+        self.intra.close()
 
     def _inter(self, x):
         """[num_hosts, ...] entry g for host g -> [num_hosts, ...] entry g from host g."""
@@ -205,38 +229,51 @@ class HierarchicalBackend:
 
     # --- forward: source -> forwarder -> receiver ------------------------------------------------
 
-    def _forward(self, x, slot_values, dest_rank, dest_row, sizes: Sizes):
+    def _pool_routing(self, dest_rank, dest_row, sizes: Sizes) -> Pool:
+        """The forwarder's pool routing: (dest_rank, dest_row) of each pool slot landing on
+        this host, -1 elsewhere; 2k int32 per token cross each remote host."""
         nh, t, k = self.topo.num_hosts, sizes.num_tokens, sizes.top_k
-        p = nh * t
         on_host = self._dest_host(dest_rank)[None] == jnp.arange(nh)[:, None, None]  # [nh, T, k]
         meta = jnp.stack([jnp.where(on_host, dest_rank[None], -1),
                           jnp.where(on_host, dest_row[None], -1)], axis=-1)
-        meta = self._inter(meta).reshape(p, k, 2)
-        pool_x = pool_v = None
+        meta = self._inter(meta).reshape(nh * t, k, 2)
+        return Pool(None, None, meta[..., 0], meta[..., 1])
+
+    def _forward(self, x, slot_values, dest_rank, dest_row, num_recv, sizes: Sizes):
+        nh, t, k = self.topo.num_hosts, sizes.num_tokens, sizes.top_k
+        p = nh * t
+        pool = self._pool_routing(dest_rank, dest_row, sizes)
         if x is not None:
-            pool_x = self._inter(jnp.broadcast_to(x, (nh,) + x.shape)).reshape(p, x.shape[1])
+            pool = pool._replace(
+                x=self._inter(jnp.broadcast_to(x, (nh,) + x.shape)).reshape(p, x.shape[1]))
         if slot_values is not None:
-            pool_v = self._inter(jnp.broadcast_to(slot_values, (nh, t, k))).reshape(p, k)
-        return self.intra.deliver(Pool(pool_x, pool_v, meta[..., 0], meta[..., 1]), sizes)
+            pool = pool._replace(
+                values=self._inter(jnp.broadcast_to(slot_values, (nh, t, k))).reshape(p, k))
+        return self.intra.deliver(pool, num_recv, sizes)
 
     def dispatch(self, x, topk_idx, topk_weights, sizes: Sizes):
         dest_rank, dest_row, group_sizes, num_recv, num_dropped = layout.route(
             topk_idx, self.axis_name, sizes)
-        rows, row_weights, row_src = self._forward(x, topk_weights, dest_rank, dest_row, sizes)
+        rows, row_weights, row_src = self._forward(x, topk_weights, dest_rank, dest_row, num_recv,
+                                                   sizes)
         handle = Handle(dest_rank=dest_rank, dest_row=dest_row, row_src=row_src,
                         num_recv=num_recv)
         num_invalid = layout.count_invalid(topk_idx, sizes.num_experts)
         return rows, row_weights, group_sizes, num_dropped, handle, num_invalid
 
     def redispatch(self, x, slot_values, handle: Handle, sizes: Sizes):
-        rows, values, _ = self._forward(x, slot_values, handle.dest_rank, handle.dest_row, sizes)
+        rows, values, _ = self._forward(x, slot_values, handle.dest_rank, handle.dest_row,
+                                        handle.num_recv, sizes)
         return rows, values
 
     # --- backward: receiver -> forwarder -> source -----------------------------------------------
 
     def combine(self, rows, row_scale, row_values, handle: Handle, sizes: Sizes):
         nh, t, k = self.topo.num_hosts, sizes.num_tokens, sizes.top_k
-        pool_sum, pool_values = self.intra.collect(rows, row_scale, row_values, handle, sizes)
+        pool = (self._pool_routing(handle.dest_rank, handle.dest_row, sizes)
+                if self.intra.collect_needs_pool else None)
+        pool_sum, pool_values = self.intra.collect(rows, row_scale, row_values, handle, pool,
+                                                   sizes)
         out = slot_values = None
         if pool_sum is not None:
             back = self._inter(pool_sum.reshape(nh, t, -1))  # [host, T, H] partial sums

@@ -1,0 +1,86 @@
+"""The hierarchical backend with its intra-host leg on the cuda kernels (marker `gpu`): every
+check of the cuda backend (tests/cuda_checks.py: dispatch bit-exact with the numpy oracle,
+both combines, both VJPs, bitwise repeatability, 20 rounds in a lax.scan), on one GPU, on all
+GPUs of one process, and on N processes sharing the GPU split into 2 emulated hosts (inter-host
+leg XLA all_to_all over NCCL, intra-host leg CUDA IPC)."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+import jax_ep
+from tests import cuda_checks, harness, mp_launch
+from tests.test_cuda import needs_several_gpus, num_gpus, one_gpu_mesh
+
+pytestmark = pytest.mark.gpu
+
+CUDA_LEG = dict(hosts=None, intra_host="cuda")
+
+
+@pytest.mark.parametrize("case", cuda_checks.CASES, ids=lambda c: c.name)
+def test_one_gpu_cuda_leg_equals_oracle(case):
+    assert cuda_checks.check_case(one_gpu_mesh(), case, backend="hierarchical",
+                                  group_kwargs=CUDA_LEG) == 1
+
+
+def test_one_gpu_cuda_leg_scan_of_20_rounds():
+    assert cuda_checks.check_scan_rounds(one_gpu_mesh(), backend="hierarchical",
+                                         group_kwargs=CUDA_LEG) == 1
+
+
+@pytest.mark.parametrize("case", cuda_checks.CASES[:4], ids=lambda c: c.name)
+def test_one_gpu_cuda_leg_equals_xla_leg(case):
+    """Same dispatch bytes as the pure-JAX leg; combine equal up to float32 summation order."""
+    mesh = one_gpu_mesh()
+    x, idx, w, *_ = cuda_checks.inputs_for(case, 1, seed=7)
+    results = []
+    for leg in ("cuda", "xla"):
+        group = cuda_checks.make_group(mesh, case, backend="hierarchical",
+                                       group_kwargs=dict(intra_host=leg))
+        assert group.intra_host == leg
+        results.append(harness.dispatch_combine_all(group, x, idx, w))
+        group.close()
+    (d, plain, weighted), (d_xla, plain_xla, weighted_xla) = results
+    for a, b in zip(jax.tree.leaves(d), jax.tree.leaves(d_xla)):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+    for a, b in ((plain, plain_xla), (weighted, weighted_xla)):
+        harness.assert_combine_close(a, np.asarray(b, np.float64), case.dtype)
+
+
+def test_auto_picks_the_cuda_leg_on_gpus():
+    group = jax_ep.EPGroup(one_gpu_mesh(), "expert",
+                           jax_ep.EPConfig(num_experts=4, top_k=2, max_tokens=8, hidden_size=64),
+                           backend="hierarchical")
+    assert group.intra_host == "cuda"
+    group.close()
+
+
+def test_cuda_leg_needs_buffer_sizes():
+    with pytest.raises(ValueError, match="intra_host='xla' needs no sizes"):
+        jax_ep.EPGroup(one_gpu_mesh(), "expert", jax_ep.EPConfig(num_experts=4, top_k=2),
+                       backend="hierarchical")
+
+
+@needs_several_gpus
+@pytest.mark.parametrize("case", cuda_checks.CASES, ids=lambda c: c.name)
+def test_one_process_driving_all_gpus_as_two_hosts(case):
+    n = num_gpus()
+    mesh = Mesh(np.array(jax.devices("gpu")), ("expert",))
+    hosts = [2 * r // n for r in range(n)]
+    assert cuda_checks.check_case(mesh, case, backend="hierarchical",
+                                  group_kwargs=dict(hosts=hosts, intra_host="cuda")) == n
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_processes_sharing_the_gpu_as_two_hosts(world):
+    """world 2: one rank per host (the intra-host leg stays on one device); world 4: two per
+    host (CUDA IPC between a host's processes). Both legs, every case, and a scan."""
+    results = mp_launch.launch("tests.mp_worker", world, ["--mode", "hierarchical"],
+                               timeout_s=540, nccl_host_per_process=True)
+    for rank, (code, out) in enumerate(results):
+        assert code == 0, f"rank {rank} exited {code}:\n{out[-4000:]}"
+        assert "hierarchical/cuda scan_20_rounds ok" in out
+        for leg in ("cuda", "xla"):
+            for case in cuda_checks.CASES:
+                assert f"hierarchical/{leg} {case.name} ok" in out, out[-4000:]

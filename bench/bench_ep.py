@@ -7,9 +7,11 @@ today and against a device-to-device copy of the same bytes, measured in the sam
 Prints a table; writes results.json, results.md (the table with device, driver, jax version and
 date, for bench/RESULTS.md) and a PNG plot under --out. Each time is per call, from one jitted
 program of `reps` calls on distinct input sets (so XLA can merge none and inputs come from HBM),
-median over `trials` runs, divided by `reps` (see `timed`); the decode shape is also timed as
-`rounds` dependent dispatch+combine rounds unrolled in one program, which XLA runs as one
-command buffer (CUDA graph), per round.
+two ways: wall clock, median over `trials` runs divided by `reps` (`timed`: it includes JAX's
+cost of launching the program, paid once per run and growing with its arguments), and the span
+on the GPU timeline of a warm run from a profiler trace (`span`: device time plus the gaps
+between kernels). The decode shape is also timed as `rounds` dependent dispatch+combine rounds
+unrolled in one program, which XLA runs as one command buffer (CUDA graph), per round.
 
 Bytes that must move (inputs read once, outputs written once): dispatch T*H + C*H elements,
 combine C*H + T*H elements (weights and indices are under 0.1% at these shapes and not counted).
@@ -70,16 +72,29 @@ def sync_processes() -> None:
         distributed.global_state.client.wait_at_barrier(f"jax_ep_bench_{_barrier_count}", 120_000)
 
 
+_programs: dict = {}
+
+
+def _program(fn, reps: int):
+    """The jitted program of `reps` calls of fn, one per input set (compiled once per fn)."""
+    import jax
+
+    if (fn, reps) not in _programs:
+        _programs[(fn, reps)] = jax.jit(lambda *sets: [fn(*s) for s in sets])
+    return _programs[(fn, reps)]
+
+
 def timed(fn, input_sets, reps: int, trials: int) -> float:
     """Per-call seconds of `fn` run as one program: `reps` calls, each on its own input set
     (distinct sets, so XLA cannot merge equal calls and each set is read from HBM, not L2), in
-    one jitted program that returns every output. One launch is amortised over `reps` calls and
-    XLA may run the program as one command buffer (CUDA graph), so this measures device time
-    plus the gaps between kernels. Median over `trials` runs of the program, divided by `reps`."""
+    one jitted program that returns every output. Wall clock from the Python call to the
+    outputs being ready, median over `trials` runs, divided by `reps`: device time, the gaps
+    between kernels, and JAX's cost of launching the program (paid once per run, growing with
+    its arguments and outputs; `span` leaves it out)."""
     import jax
 
     reps = min(reps, len(input_sets))
-    program = jax.jit(lambda *sets: [fn(*s) for s in sets])
+    program = _program(fn, reps)
     chosen = input_sets[:reps]
     jax.block_until_ready(program(*chosen))  # compile and warm up
     samples = []
@@ -91,10 +106,23 @@ def timed(fn, input_sets, reps: int, trials: int) -> float:
     return statistics.median(samples)
 
 
-def copy_time(nbytes: int, reps: int, trials: int) -> float:
-    """Per-copy seconds of a device-to-device copy moving `nbytes` (read + write): a chain of
-    `reps` elementwise passes over an array of nbytes / 2, each materialised
-    (optimization_barrier keeps XLA from fusing the chain into one pass)."""
+def span(fn, input_sets, reps: int) -> float | None:
+    """Per-call seconds of the same program as `timed` on the GPU timeline (bench/trace_ops.py:
+    a profiler trace, first kernel start to last kernel end of a warm run, divided by reps):
+    device time plus the gaps between kernels, without the host's per-program launch cost."""
+    from bench.trace_ops import steady_span_s
+
+    reps = min(reps, len(input_sets))
+    program = _program(fn, reps)
+    return steady_span_s(program, input_sets[:reps], reps, before_run=sync_processes)
+
+
+def copy_time(nbytes: int, reps: int, trials: int) -> tuple[float, float | None]:
+    """Per-copy seconds (wall as in `timed`, and span) of a device-to-device copy moving
+    `nbytes` (read + write): a chain of `reps` elementwise passes over an array of nbytes / 2,
+    each materialised (optimization_barrier keeps XLA from fusing the chain into one pass)."""
+    from bench.trace_ops import steady_span_s
+
     import jax
     import jax.numpy as jnp
 
@@ -113,7 +141,7 @@ def copy_time(nbytes: int, reps: int, trials: int) -> float:
         t0 = time.perf_counter()
         jax.block_until_ready(program(a))
         samples.append((time.perf_counter() - t0) / reps)
-    return statistics.median(samples)
+    return statistics.median(samples), steady_span_s(program, [a], reps)
 
 
 def make_inputs(rng, world, t, h, k, e, sets=4):
@@ -152,7 +180,8 @@ def bench_shape(name, args, mesh, results, to_global, world):
 
     if world == 1:
         for op, nbytes in (("dispatch", bytes_dispatch), ("combine", bytes_combine)):
-            row[f"copy_{op}_s"] = copy_time(nbytes, args.reps, args.trials)
+            row[f"copy_{op}_s"], row[f"copy_{op}_span_s"] = copy_time(nbytes, args.reps,
+                                                                      args.trials)
 
     def ep_programs(group):
         dispatch = harness.per_rank(mesh, lambda x, i, w: (
@@ -180,12 +209,14 @@ def bench_shape(name, args, mesh, results, to_global, world):
         if "intra_host" in group_kwargs:
             key = f"{backend}_{group_kwargs['intra_host']}_sms{sms}"
         row[f"{key}_dispatch_s"] = timed(dispatch, sets, args.reps, args.trials)
+        row[f"{key}_dispatch_span_s"] = span(dispatch, sets, args.reps)
         dispatched = [dispatch(*s) for s in sets]
         row[f"{key}_combine_s"] = timed(combine, dispatched, args.reps, args.trials)
+        row[f"{key}_combine_span_s"] = span(combine, dispatched, args.reps)
         del dispatched
         if name == "decode" and backend != "reference":
-            row[f"{key}_graph_round_s"] = graph_round_time(group, mesh, host_sets, to_global,
-                                                           args)
+            row[f"{key}_graph_round_s"], row[f"{key}_graph_round_span_s"] = graph_round_time(
+                group, mesh, host_sets, to_global, args)
         group.close()
 
     if world == 1:
@@ -194,8 +225,9 @@ def bench_shape(name, args, mesh, results, to_global, world):
     return row
 
 
-def graph_round_time(group, mesh, host_sets, to_global, args) -> float:
-    """dispatch + combine per round, `rounds` rounds unrolled in one program (command buffer)."""
+def graph_round_time(group, mesh, host_sets, to_global, args) -> tuple[float, float | None]:
+    """dispatch + combine per round (wall, span), `rounds` rounds unrolled in one program
+    (command buffer)."""
     import jax
     import numpy as np
 
@@ -215,7 +247,9 @@ def graph_round_time(group, mesh, host_sets, to_global, args) -> float:
         return jax.lax.scan(step, x0, (idx_r, w_r), unroll=r)[0]
 
     program = harness.per_rank(mesh, body)
-    return timed(program, [(x, idx, w)], 1, args.trials) / r
+    wall = timed(program, [(x, idx, w)], 1, args.trials) / r
+    on_gpu = span(program, [(x, idx, w)], 1)
+    return wall, (on_gpu / r if on_gpu is not None else None)
 
 
 def xla_baselines(sets, t, h, k, e, args) -> dict:
@@ -238,32 +272,44 @@ def xla_baselines(sets, t, h, k, e, args) -> dict:
         return jnp.einsum("tkh,tk->th", y, wt).astype(rows.dtype)
 
     permute_j, unpermute_j = jax.jit(permute), jax.jit(unpermute)
-    out = {"xla_permute_s": timed(permute_j, sets, args.reps, args.trials)}
-    permuted = [permute_j(*s) for s in sets]
-    out["xla_unpermute_s"] = timed(unpermute_j, [(p[0], p[1], p[3]) for p in permuted],
-                                   args.reps, args.trials)
+    out = {"xla_permute_s": timed(permute_j, sets, args.reps, args.trials),
+           "xla_permute_span_s": span(permute_j, sets, args.reps)}
+    permuted = [(p[0], p[1], p[3]) for p in (permute_j(*s) for s in sets)]
+    out["xla_unpermute_s"] = timed(unpermute_j, permuted, args.reps, args.trials)
+    out["xla_unpermute_span_s"] = span(unpermute_j, permuted, args.reps)
     return out
 
 
 def table_lines(results) -> list[str]:
-    lines = [f"{'shape':12s} {'op':9s} {'impl':22s} {'time us':>10s} {'GB/s':>8s} {'x copy':>7s}"]
+    """wall: `timed` (with JAX's per-program launch cost); span: on the GPU timeline (`span`,
+    "-" where the trace has no device events); GB/s and "x copy" against the copy's own span
+    (wall where there is no span)."""
+    lines = [f"{'shape':12s} {'op':9s} {'impl':22s} {'wall us':>9s} {'span us':>9s} "
+             f"{'GB/s':>6s} {'x copy':>7s}"]
     print = lines.append  # noqa: A001 - the table is built line by line
+
+    def us(v):
+        return f"{v * 1e6:9.1f}" if v is not None else f"{'-':>9s}"
+
     for row in results:
         for op in ("dispatch", "combine"):
             nbytes = row[f"bytes_{op}"]
-            copy = row.get(f"copy_{op}_s")
+            copy = row.get(f"copy_{op}_span_s") or row.get(f"copy_{op}_s")
             impls = sorted(k[: -len(f"_{op}_s")] for k in row if k.endswith(f"_{op}_s"))
             if op == "dispatch" and "xla_permute_s" in row:
                 impls.append("xla_permute")
             if op == "combine" and "xla_unpermute_s" in row:
                 impls.append("xla_unpermute")
             for impl in impls:
-                s = row.get(f"{impl}_{op}_s", row.get(f"{impl}_s"))
-                ratio = f"{s / copy:7.2f}" if copy else "      -"
-                print(f"{row['shape']:12s} {op:9s} {impl:22s} {s * 1e6:10.1f} "
-                      f"{nbytes / s / 1e9:8.0f} {ratio}")
+                key = f"{impl}_{op}" if f"{impl}_{op}_s" in row else impl
+                wall, on_gpu = row[f"{key}_s"], row.get(f"{key}_span_s")
+                best = on_gpu or wall
+                ratio = f"{best / copy:7.2f}" if copy else "      -"
+                print(f"{row['shape']:12s} {op:9s} {impl:22s} {us(wall)} {us(on_gpu)} "
+                      f"{nbytes / best / 1e9:6.0f} {ratio}")
         for key in [k for k in row if k.endswith("_graph_round_s")]:
-            print(f"{row['shape']:12s} {'d+c round':9s} {key[:-14]:22s} {row[key] * 1e6:10.1f}")
+            print(f"{row['shape']:12s} {'d+c round':9s} {key[:-14]:22s} {us(row[key])} "
+                  f"{us(row.get(key[:-2] + '_span_s'))}")
     return lines
 
 
@@ -277,8 +323,10 @@ def plot(results, path):
     for ax, op in zip(axes, ("dispatch", "combine")):
         labels, values = [], []
         for row in results:
-            impls = {k[: -len(f"_{op}_s")]: v for k, v in row.items() if k.endswith(f"_{op}_s")}
-            base = row.get("xla_permute_s" if op == "dispatch" else "xla_unpermute_s")
+            impls = {k[: -len(f"_{op}_s")]: row.get(k[:-2] + "_span_s") or v
+                     for k, v in row.items() if k.endswith(f"_{op}_s")}
+            base_key = "xla_permute" if op == "dispatch" else "xla_unpermute"
+            base = row.get(base_key + "_span_s") or row.get(base_key + "_s")
             if base:
                 impls["xla"] = base
             for impl, s in sorted(impls.items()):
@@ -286,7 +334,7 @@ def plot(results, path):
                 values.append(row[f"bytes_{op}"] / s / 1e9)
         ax.barh(range(len(values)), values)
         ax.set_yticks(range(len(values)), labels, fontsize=7)
-        ax.set_xlabel("GB/s (bytes that must move / time)")
+        ax.set_xlabel("GB/s (bytes that must move / time on the GPU timeline)")
         ax.set_title(op)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

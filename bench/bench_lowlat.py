@@ -116,7 +116,7 @@ def bench_tokens(t, args, mesh, to_global):
     import numpy as np
 
     import jax_ep
-    from bench.bench_ep import timed
+    from bench.bench_ep import span, timed
 
     world, h, k, e, rounds = args.world, args.hidden, args.top_k, args.experts, args.rounds
     rng = np.random.default_rng(t)
@@ -137,26 +137,38 @@ def bench_tokens(t, args, mesh, to_global):
             only_d, d_and_c = programs(group, mesh, layout, fp8, rounds)
             t_d = timed(only_d, [inputs], 1, args.trials)
             t_dc = timed(d_and_c, [inputs], 1, args.trials)
+            s_d, s_dc = span(only_d, [inputs], 1), span(d_and_c, [inputs], 1)
             group.check()
         finally:
             group.close()
         rows.append(dict(T=t, H=h, k=k, E=e, world=world, layout=layout, zero_fill=zero_fill,
                          rows_dtype="float8_e4m3fn" if fp8 else "bfloat16", rounds=rounds,
                          dispatch_us=t_d / rounds * 1e6, combine_us=(t_dc - t_d) / rounds * 1e6,
-                         round_us=t_dc / rounds * 1e6))
+                         round_us=t_dc / rounds * 1e6,
+                         # On the GPU timeline (bench_ep.span), None without device events.
+                         dispatch_span_us=s_d / rounds * 1e6 if s_d else None,
+                         combine_span_us=(s_dc - s_d) / rounds * 1e6 if s_d and s_dc else None,
+                         round_span_us=s_dc / rounds * 1e6 if s_dc else None))
         print(f"[rank {args.rank}] T={t} {layout} {'fp8' if fp8 else 'bf16'} "
               f"zero_fill={zero_fill} done", flush=True)
     return rows
 
 
 def print_table(rows):
+    """Per round, wall clock (with JAX's per-program launch cost spread over the rounds) and, in
+    the span columns, on the GPU timeline ("-" without device events)."""
     print(f"\n{'world':>5s} {'T':>5s} {'layout':8s} {'rows':6s} {'zeros':5s} {'dispatch us':>12s} "
-          f"{'combine us':>11s} {'round us':>9s}")
+          f"{'combine us':>11s} {'round us':>9s} {'d span':>7s} {'c span':>7s} {'r span':>7s}")
+
+    def us(v):
+        return f"{v:7.1f}" if v is not None else f"{'-':>7s}"
+
     for r in rows:
         dt = "fp8" if r["rows_dtype"].startswith("float8") else "bf16"
         zeros = "yes" if r["zero_fill"] else "no"
         print(f"{r['world']:5d} {r['T']:5d} {r['layout']:8s} {dt:6s} {zeros:5s} {r['dispatch_us']:12.1f} "
-              f"{r['combine_us']:11.1f} {r['round_us']:9.1f}")
+              f"{r['combine_us']:11.1f} {r['round_us']:9.1f} {us(r['dispatch_span_us'])} "
+              f"{us(r['combine_span_us'])} {us(r['round_span_us'])}")
 
 
 def main(argv=None) -> int:

@@ -75,6 +75,12 @@ for s in "$@"; do
         --rounds 20 --trials 5 --out "$LOGS" ;;
     multigpu)  # several GPUs, one process driving them all (issue 8), against XLA and peer copy
       stage multigpu 300 python3 bench/bench_multigpu.py --out "$LOGS" ${BENCH_ARGS:-} ;;
+    trace)  # device timeline of the timed program (JAX profiler): kernels and the gaps between
+      for shape in ${TRACE_SHAPES:-deepseek_v3 mixtral decode}; do for op in ${TRACE_OPS:-dispatch combine}; do
+        stage "trace_${shape}_$op${TRACE_TAG:-}" 120 python3 bench/trace_ops.py --shape "$shape" --op "$op" \
+          --num-sms ${TRACE_SMS:-132} --runs ${TRACE_RUNS:-1}
+        head -4 "$LOGS/trace_${shape}_$op${TRACE_TAG:-}.log"
+      done; done ;;
     ncu)  # per-kernel device time and DRAM bytes of one dispatch + combine per shape
       for sms in ${NCU_SMS:-24 132}; do for shape in ${NCU_SHAPES:-decode mixtral deepseek_v3}; do
         stage "ncu_${shape}_sms$sms" 150 ncu --clock-control none --profile-from-start off --csv \

@@ -1,0 +1,148 @@
+"""Where the wall-clock time of bench_ep's timed program goes: a JAX profiler (CUPTI) trace of
+one run of the `reps`-call program at world size 1, listed per device event with the gap before
+it, and summed per kernel name.
+
+    python bench/trace_ops.py --shape deepseek_v3 --op dispatch --num-sms 132
+
+The program is bench_ep.timed's: `reps` calls on distinct input sets in one jitted program that
+returns every output. Device time = sum of the events' durations; the rest of the span between
+the first event's start and the last event's end is gaps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def device_events(trace_dir: str):
+    """[(name, start_ns, duration_ns, line name)] of the GPU planes of the trace in trace_dir."""
+    from jax.profiler import ProfileData
+
+    paths = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
+    if not paths:
+        raise SystemExit(f"no xplane.pb under {trace_dir}")
+    data = ProfileData.from_file(paths[0])
+    out = []
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            for ev in line.events:
+                out.append((ev.name, ev.start_ns, ev.duration_ns, line.name))
+    return sorted(out, key=lambda e: e[1])
+
+
+def steady_span_s(program, args, reps: int, runs: int = 2, before_run=None,
+                  pause_s: float = 0.005):
+    """Seconds per call on the GPU timeline of `program(*args)`, which makes `reps` calls: the
+    last of `runs` traced runs (a pause of pause_s before each marks them apart), from its first
+    device event's start to its last one's end, divided by reps. It leaves out what the host
+    spends launching the program (JAX's per-program cost, which grows with the number of
+    arguments and outputs and is paid before the first kernel); None without device events."""
+    import jax
+
+    trace_dir = tempfile.mkdtemp()
+    try:
+        with jax.profiler.trace(trace_dir):
+            for _ in range(runs):
+                time.sleep(pause_s)
+                if before_run:
+                    before_run()
+                jax.block_until_ready(program(*args))
+        events = device_events(trace_dir)
+    finally:
+        shutil.rmtree(trace_dir, ignore_errors=True)
+    if not events:
+        return None
+    start = events[0][1]
+    end = start + events[0][2]
+    for _, s, d, _ in events[1:]:
+        if s - end > pause_s * 1e9 / 2:  # the pause before the next run
+            start = s
+        end = max(end, s + d)
+    return (end - start) / 1e9 / reps
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="deepseek_v3")
+    p.add_argument("--op", choices=["dispatch", "combine", "copy"], default="dispatch",
+                   help="copy: bench_ep's copy-ceiling chain, a control with no jax_ep kernel")
+    p.add_argument("--num-sms", type=int, default=132)
+    p.add_argument("--reps", type=int, default=4)
+    p.add_argument("--runs", type=int, default=1, help="runs of the program inside the trace")
+    args = p.parse_args()
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    import jax_ep
+    from bench.bench_ep import SHAPES, make_inputs
+    from tests import cuda_checks, harness
+
+    t, h, k, e = SHAPES[args.shape]
+    mesh = Mesh(np.array(jax.devices()[:1]), ("expert",))
+    cfg = jax_ep.EPConfig(num_experts=e, top_k=k, max_tokens=t, hidden_size=h,
+                          num_sms=args.num_sms)
+    group = jax_ep.EPGroup(mesh, "expert", cfg)
+    sets = [tuple(cuda_checks.to_global(a, mesh) for a in s)
+            for s in make_inputs(np.random.default_rng(0), 1, t, h, k, e, sets=args.reps)]
+    dispatch = harness.per_rank(mesh, lambda x, i, w: (
+        lambda d: (d.x, d.weights, d.handle))(jax_ep.dispatch(group, x, i, w)))
+    combine = harness.per_rank(mesh, lambda r, rw, hd: jax_ep.combine(group, r, hd, weights=rw))
+    fn = dispatch
+    if args.op == "combine":
+        sets = [dispatch(*s) for s in sets]
+        fn = combine
+    program = jax.jit(lambda *ss: [fn(*s) for s in ss])
+    if args.op == "copy":
+        import jax.numpy as jnp
+
+        def chain(a):
+            for _ in range(args.reps):
+                a = jax.lax.optimization_barrier(a + jnp.ones((), a.dtype))
+            return a
+
+        program = jax.jit(chain)
+        sets = [jax.random.normal(jax.random.key(0), (t * h * (k + 1) // 2,), jnp.bfloat16)]
+    for _ in range(3):
+        jax.block_until_ready(program(*sets))
+    trace_dir = tempfile.mkdtemp()
+    with jax.profiler.trace(trace_dir):
+        for _ in range(args.runs):
+            jax.block_until_ready(program(*sets))
+    events = device_events(trace_dir)
+    if not events:
+        print("no device events in the trace")
+        return 1
+    first, last = events[0][1], max(s + d for _, s, d, _ in events)
+    print(f"{args.shape} {args.op} sms={args.num_sms} reps={args.reps} runs={args.runs}: span "
+          f"{(last - first) / 1e3:.1f} us, device busy {sum(d for _, _, d, _ in events) / 1e3:.1f}"
+          f" us, per call {(last - first) / 1e3 / args.reps / args.runs:.1f} us")
+    end = first
+    for name, start, dur, line in events:
+        print(f"  +{(start - first) / 1e3:9.1f} us  gap {(start - end) / 1e3:7.1f}  "
+              f"dur {dur / 1e3:8.1f}  [{line[:18]}] {name[:90]}")
+        end = max(end, start + dur)
+    per_name = collections.defaultdict(lambda: [0, 0])
+    for name, _, dur, _ in events:
+        per_name[name[:60]][0] += 1
+        per_name[name[:60]][1] += dur
+    print("  per kernel: " + "; ".join(f"{n} x{c} {d / 1e3:.1f} us"
+                                      for n, (c, d) in sorted(per_name.items(),
+                                                               key=lambda kv: -kv[1][1])))
+    group.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

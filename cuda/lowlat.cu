@@ -8,11 +8,14 @@
 //   store: receivers wait on that word only.
 //   Receive (warps own contiguous padded rows): waits for each (local expert, source) count word,
 //   copies the rows below the count into XLA's output and zero-fills the rest.
+//   A source's rows for its own experts skip the buffer: the send writes them straight into
+//   XLA's output (the same index: [l][s][p]) and the receive leaves them there.
 // Combine-kind call:
 //   Send: each row below its count goes back to the source rank's buffer at [expert][p]; the last
-//   block releases one flag per rank.
+//   block releases one flag per rank. Rows of this rank's own tokens stay where they are.
 //   Reduce (warps own (token, segment) items): sums the token's delivered slots in slot order in
-//   float32 with the fused scales. Fixed order, no atomics: deterministic.
+//   float32 with the fused scales, reading its own experts' rows in place. Fixed order, no
+//   atomics: deterministic.
 // Every region is double-buffered by the call's sequence parity: a peer can only be one call of
 // a kind ahead of us (it waits on our words of the call we are in), so it never writes the half
 // we are reading. Sequences live on the device (LowLatencySignal) and are advanced by each
@@ -189,9 +192,11 @@ __global__ void __launch_bounds__(kThreads) DispatchSendKernel(DispatchParams p)
     const int e = item / shares, g = item % shares;
     const int d = e / s.experts_local, l = e % s.experts_local;
     const long long pair = static_cast<long long>(l) * n + env.rank;  // (l, this source) on d
-    int4* rows = At<int4>(env, d, L.ll_disp_rows[half]);
-    float* values = At<float>(env, d, L.ll_disp_w[half]);
-    float* scales = At<float>(env, d, L.ll_disp_scales[half]);
+    // Our own experts' rows go straight to XLA's output, whose index [l][s][p] is the buffer's.
+    const bool self = d == env.rank;
+    int4* rows = self ? p.out_x : At<int4>(env, d, L.ll_disp_rows[half]);
+    float* values = self ? p.out_values : At<float>(env, d, L.ll_disp_w[half]);
+    float* scales = self ? p.out_scales : At<float>(env, d, L.ll_disp_scales[half]);
     int carry = 0, repeats = 0;
     for (int t0 = 0; t0 < s.tokens; t0 += kWarp) {
       const int t = t0 + lane;
@@ -290,6 +295,7 @@ __global__ void __launch_bounds__(kThreads) DispatchRecvKernel(DispatchParams p)
        item += NumWarps()) {
     const int i = static_cast<int>(item / chunks), c = static_cast<int>(item % chunks);
     const int pair = PairOf(start, pairs, i);
+    if (pair % n == env.rank) continue;  // our own rows: the send wrote them in place
     const long long r = static_cast<long long>(pair) * m + (i - start[pair]);
     if (p.out_x) WarpCopyChunk<true>(p.out_x + r * vecs, rows + r * vecs, c, vecs, lane);
     if (c == 0) {
@@ -361,9 +367,10 @@ __global__ void __launch_bounds__(kThreads) CombineSendKernel(CombineParams p) {
          item += NumWarps()) {
       const int i = static_cast<int>(item / chunks), c = static_cast<int>(item % chunks);
       const int pair = PairOf(start, pairs, i);
+      const int l = pair / n, src = pair % n;
+      if (src == env.rank) continue;  // the reduce reads our own tokens' rows in place
       const int pos = i - start[pair];
       const long long r = static_cast<long long>(pair) * m + pos;
-      const int l = pair / n, src = pair % n;
       const long long slot = static_cast<long long>(env.rank * s.experts_local + l) * m + pos;
       if (p.rows) {
         WarpCopyChunk<false>(At<int4>(env, src, L.ll_comb_rows[half]) + slot * vecs,
@@ -408,27 +415,41 @@ __global__ void __launch_bounds__(kReduceThreads) CombineReduceKernel(CombinePar
   for (int item = ok ? GlobalWarp() : s.tokens * segments; item < s.tokens * segments;
        item += NumWarps()) {
     const int t = item / segments, seg = item % segments;
-    // Lane j < k describes slot j: where its row is and its scale.
-    long long slot = -1;
+    // Lane j < k describes slot j: where its row is (a peer's row in our buffer at [e][p], our
+    // own expert's in place in rows at [l][this rank][p]) and its scale.
+    const int4* src = nullptr;
+    bool staged = false;
     float scale = 1.0f;
     if (lane < k) {
       const int e = p.slot_expert[t * k + lane];
+      float value = 0.0f;
       if (e >= 0) {
-        slot = static_cast<long long>(e) * m + p.slot_pos[t * k + lane];
-        if (p.row_scale) scale = __ldcg(&scales[slot]);
+        const int pos = p.slot_pos[t * k + lane];
+        if (e / s.experts_local == env.rank) {
+          const long long r =
+              (static_cast<long long>(e % s.experts_local) * env.num_ranks + env.rank) * m + pos;
+          if (p.rows) src = p.rows + r * vecs;
+          if (p.row_scale) scale = p.row_scale[r];
+          if (p.row_values) value = p.row_values[r];
+        } else {
+          const long long slot = static_cast<long long>(e) * m + pos;
+          staged = true;
+          if (p.rows) src = rows + slot * vecs;
+          if (p.row_scale) scale = __ldcg(&scales[slot]);
+          if (p.row_values) value = __ldcg(&values[slot]);
+        }
       }
-      if (p.slot_values && seg == 0) {
-        p.slot_values[t * k + lane] = slot >= 0 ? __ldcg(&values[slot]) : 0.0f;
-      }
+      if (p.slot_values && seg == 0) p.slot_values[t * k + lane] = value;
     }
     if (!p.out) continue;
+    const unsigned staged_mask = __ballot_sync(0xffffffffu, staged);
     const int v0 = seg * kSegVecs + lane;
     float acc[kPerLane][V::kN];
 #pragma unroll
     for (int u = 0; u < kPerLane; ++u)
 #pragma unroll
       for (int i = 0; i < V::kN; ++i) acc[u][i] = 0.0f;
-    for (unsigned mm = __ballot_sync(0xffffffffu, slot >= 0); mm;) {
+    for (unsigned mm = __ballot_sync(0xffffffffu, src != nullptr); mm;) {
       int4 loaded[kGroup][kPerLane];
       float sc[kGroup];
       int got = 0;
@@ -437,13 +458,14 @@ __global__ void __launch_bounds__(kReduceThreads) CombineReduceKernel(CombinePar
         if (mm) {
           const int j = __ffs(mm) - 1;
           mm &= mm - 1;
-          const long long sj = __shfl_sync(0xffffffffu, slot, j);
+          const int4* sj = reinterpret_cast<const int4*>(
+              __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(src), j));
           sc[g] = __shfl_sync(0xffffffffu, scale, j);
-          const int4* src = rows + sj * vecs;
+          const bool from_peer = (staged_mask >> j) & 1u;
 #pragma unroll
           for (int u = 0; u < kPerLane; ++u) {
             const int v = v0 + u * kWarp;
-            if (v < vecs) loaded[g][u] = __ldcg(src + v);
+            if (v < vecs) loaded[g][u] = from_peer ? __ldcg(sj + v) : sj[v];
           }
           got = g + 1;
         }

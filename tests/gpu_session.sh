@@ -56,6 +56,7 @@ for s in "$@"; do
     pytest:*) n_pytest=$(( ${n_pytest:-0} + 1 ))
       stage "pytest$n_pytest" ${PYTEST_LIMIT:-400} python3 -m pytest -m gpu -v -rA --durations=5 \
         -k "${s#pytest:}" tests ;;
+    demo) stage demo 200 python3 -m jax_ep.demo --steps ${DEMO_STEPS:-300} --plot "$LOGS/moe_loss_gpu.png" ;;
     bench1) stage bench1 200 python3 bench/bench_ep.py --out "$LOGS" ${BENCH_ARGS:-} ;;
     bench8)  # 8 processes sharing the GPU under MPS: the decode shape, then the large shapes at
              # 512 tokens per rank (8 ranks' buffers must fit in one GPU)

@@ -235,3 +235,14 @@ def test_bad_configurations_say_what_to_change():
         moe_math.moe_forward(spec, params, jnp.ones((6, H)))
     with pytest.raises(ValueError, match="width 8"):
         moe_math.moe_forward(spec, params, jnp.ones((8, 8)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("framework", ["flax", "equinox"])
+def test_layer_on_the_cuda_backend_matches_dense_moe(framework):
+    """The layers on a GPU with backend='cuda' (dispatch, expert matmuls, combine and their
+    gradients through the custom calls), against the dense MoE at full float32 precision."""
+    gpu = jax.devices("gpu")[:1]
+    with jax.default_matmul_precision("highest"):
+        check_against_oracle(framework, x_shape=(4, 16), mesh=Mesh(np.array(gpu), ("expert",)),
+                             num_experts=4, top_k=2, shared_ffn=8, backend="cuda")

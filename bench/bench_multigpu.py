@@ -3,7 +3,8 @@
     python bench/bench_multigpu.py --out bench/out                 # every local GPU
     python bench/bench_multigpu.py --backend reference --cpu 8     # smoke run on 8 CPU devices
 
-For each shape, per operation: time (see bench_ep.timed), bandwidth in two metrics, and the
+For each shape, per operation: time (wall clock, bench_ep.timed, and the span on the GPU
+timeline, bench_ep.span), bandwidth in two metrics (from the span), and the
 XLA pipelines a JAX user has today:
   - logical (DeepEP's): bytes of the tokens each rank receives, one copy per (token, rank),
     its own tokens included;
@@ -168,7 +169,7 @@ def main(argv=None) -> int:
     from jax.sharding import Mesh
 
     import jax_ep
-    from bench.bench_ep import SHAPES, make_inputs, timed
+    from bench.bench_ep import SHAPES, make_inputs, span, timed
     from tests import cuda_checks, harness
 
     devices = jax.devices()
@@ -190,8 +191,10 @@ def main(argv=None) -> int:
             combine = harness.per_rank(
                 mesh, lambda r, rw, hd: jax_ep.combine(group, r, hd, weights=rw))
             row["jax_ep_dispatch_s"] = timed(dispatch, sets, args.reps, args.trials)
+            row["jax_ep_dispatch_span_s"] = span(dispatch, sets, args.reps)
             dispatched = [dispatch(*s) for s in sets]
             row["jax_ep_combine_s"] = timed(combine, dispatched, args.reps, args.trials)
+            row["jax_ep_combine_span_s"] = span(combine, dispatched, args.reps)
             del dispatched
             reference = dispatch(*sets[0])
             reference_out = combine(reference[0], reference[1], reference[2])
@@ -202,10 +205,12 @@ def main(argv=None) -> int:
             check_baseline(label, d_prog, harness.per_rank(mesh, c_fn), sets[0], reference,
                            reference_out)
             row[f"{label}_dispatch_s"] = timed(d_prog, sets, args.reps, args.trials)
+            row[f"{label}_dispatch_span_s"] = span(d_prog, sets, args.reps)
             outs = [d_prog(*s) for s in sets]
             c_prog = harness.per_rank(mesh, lambda r, w, st: c_fn(r, w, st))
-            row[f"{label}_combine_s"] = timed(
-                c_prog, [(o[0], s[2], o[1]) for o, s in zip(outs, sets)], args.reps, args.trials)
+            c_sets = [(o[0], s[2], o[1]) for o, s in zip(outs, sets)]
+            row[f"{label}_combine_s"] = timed(c_prog, c_sets, args.reps, args.trials)
+            row[f"{label}_combine_span_s"] = span(c_prog, c_sets, args.reps)
             del outs
         rows_out.append(row)
         print(f"{name} done", flush=True)
@@ -213,17 +218,20 @@ def main(argv=None) -> int:
     peer = None if args.cpu else peer_copy_gbps(1 << 30, args.trials)
     lines = [f"peer copy GPU0->GPU1 (cudaMemcpyPeerAsync, 1 GiB): "
              f"{'n/a' if peer is None else f'{peer:.0f} GB/s'}",
-             f"{'shape':12s} {'op':9s} {'impl':12s} {'time us':>9s} {'logical GB/s':>13s} "
-             f"{'wire GB/s':>10s} {'wire/peer':>9s}"]
+             f"{'shape':12s} {'op':9s} {'impl':12s} {'wall us':>9s} {'span us':>9s} "
+             f"{'logical GB/s':>13s} {'wire GB/s':>10s} {'wire/peer':>9s}"]
     for row in rows_out:
         for op in ("dispatch", "combine"):
             for impl in ("jax_ep", "xla_a2a", "xla_ragged"):
-                sec = row.get(f"{impl}_{op}_s")
-                if sec is None:
+                wall = row.get(f"{impl}_{op}_s")
+                if wall is None:
                     continue
+                on_gpu = row.get(f"{impl}_{op}_span_s")
+                sec = on_gpu or wall  # bandwidths from the GPU timeline where there is one
                 wire_gbps = row["wire_bytes"] / sec / 1e9
                 ratio = f"{wire_gbps / peer:9.2f}" if peer else "        -"
-                lines.append(f"{row['shape']:12s} {op:9s} {impl:12s} {sec * 1e6:9.1f} "
+                span_us = f"{on_gpu * 1e6:9.1f}" if on_gpu else f"{'-':>9s}"
+                lines.append(f"{row['shape']:12s} {op:9s} {impl:12s} {wall * 1e6:9.1f} {span_us} "
                              f"{row['logical_bytes'] / sec / 1e9:13.0f} {wire_gbps:10.0f} {ratio}")
     print("\n".join(lines))
     out = Path(args.out)

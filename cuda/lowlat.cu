@@ -289,10 +289,11 @@ __global__ void __launch_bounds__(kThreads) DispatchRecvKernel(DispatchParams p)
   if (blockIdx.x == 0 && p.recv_counts) {
     for (int q = threadIdx.x; q < pairs; q += blockDim.x) p.recv_counts[q] = start[q + 1] - start[q];
   }
-  // Received rows: items (row i, chunk c), so that few rows still spread over every warp.
+  // Received rows: items (row i, chunk c), so that few rows still spread over every warp. Alone,
+  // every row is our own and already in place.
   const int chunks = p.out_x ? (vecs + kChunkVecs - 1) / kChunkVecs : 1;
-  for (long long item = GlobalWarp(); item < static_cast<long long>(received) * chunks;
-       item += NumWarps()) {
+  const long long items = n > 1 ? static_cast<long long>(received) * chunks : 0;
+  for (long long item = GlobalWarp(); item < items; item += NumWarps()) {
     const int i = static_cast<int>(item / chunks), c = static_cast<int>(item % chunks);
     const int pair = PairOf(start, pairs, i);
     if (pair % n == env.rank) continue;  // our own rows: the send wrote them in place
@@ -512,10 +513,14 @@ cudaError_t LaunchPaddedCombine(const PaddedCombineArgs& a, cudaStream_t stream)
   CombineParams p{a.env, a.shape, static_cast<const int4*>(a.rows), a.row_scale, a.row_values,
                   a.recv_counts, a.slot_expert, a.slot_pos, static_cast<int4*>(a.out),
                   a.slot_values};
-  const size_t starts_bytes = sizeof(int) * (a.shape.experts_local * a.env.num_ranks + 1);
-  CombineSendKernel<<<Blocks(a.shape), kThreads, starts_bytes, stream>>>(p);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
+  // Alone there is nothing to send back (the reduce reads our own rows in place) and no flag
+  // to raise: the reduce kernel alone makes the call.
+  if (a.env.num_ranks > 1) {
+    const size_t starts_bytes = sizeof(int) * (a.shape.experts_local * a.env.num_ranks + 1);
+    CombineSendKernel<<<Blocks(a.shape), kThreads, starts_bytes, stream>>>(p);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
   switch (a.elem) {
     case ElemType::kF32: return LaunchReduce<float>(p, stream);
     case ElemType::kBF16: return LaunchReduce<__nv_bfloat16>(p, stream);

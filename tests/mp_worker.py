@@ -15,7 +15,7 @@ def main() -> int:
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world", type=int, required=True)
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--mode", choices=["cases", "timeout", "padded", "hierarchical"],
+    parser.add_argument("--mode", choices=["cases", "timeout", "padded", "hierarchical", "mesh2d"],
                         default="cases")
     args = parser.parse_args()
 
@@ -28,8 +28,10 @@ def main() -> int:
 
     mesh = Mesh(np.array(jax.devices()), ("expert",))
     assert mesh.devices.size == args.world, jax.devices()
+    if args.mode == "mesh2d":
+        mesh = Mesh(np.array(jax.devices()).reshape(2, -1), ("data", "expert"))
     modes = {"cases": cases_mode, "timeout": timeout_mode, "padded": padded_mode,
-             "hierarchical": hierarchical_mode}
+             "hierarchical": hierarchical_mode, "mesh2d": mesh2d_mode}
     code = modes[args.mode](args, mesh)
     # Leave together: a rank that exits while another still talks to the coordination service
     # (hosted by rank 0) makes the survivors abort.
@@ -69,6 +71,21 @@ def hierarchical_mode(args, mesh) -> int:
     cuda_checks.check_scan_rounds(mesh, backend="hierarchical",
                                   group_kwargs=dict(hosts=hosts, intra_host="cuda"))
     print(f"rank {args.rank}/{args.world}: hierarchical/cuda scan_20_rounds ok", flush=True)
+    return 0
+
+
+def mesh2d_mode(args, mesh) -> int:
+    """EP over 'expert' of a ('data', 'expert') mesh of the processes: the cuda backend and the
+    hierarchical one (its cuda intra-host leg) with one EP group per data slice."""
+    from tests import cuda_checks
+
+    n = mesh.shape["expert"]
+    setups = [("cuda", None),
+              ("hierarchical", dict(hosts=list(range(n)), intra_host="cuda")),
+              ("hierarchical", dict(hosts=[0] * n, intra_host="cuda"))]
+    for backend, kwargs in setups:
+        cuda_checks.check_2d_mesh(mesh, backend=backend, group_kwargs=kwargs)
+        print(f"rank {args.rank}/{args.world}: mesh2d {backend} {kwargs} ok", flush=True)
     return 0
 
 

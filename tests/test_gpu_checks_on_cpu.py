@@ -22,3 +22,10 @@ def test_cuda_checks_pass_on_hierarchical_xla_leg(case):
     """The hierarchical GPU tests' program (tests/test_hierarchical_cuda.py) on 2 emulated hosts."""
     assert cuda_checks.check_case(harness.make_mesh(4), case, backend="hierarchical",
                                   group_kwargs=dict(hosts=[0, 0, 1, 1], intra_host="xla")) == 4
+
+
+@pytest.mark.parametrize("backend,group_kwargs", [
+    ("reference", None), ("hierarchical", dict(hosts=[0, 1], intra_host="xla"))])
+def test_2d_mesh_check_passes_on_cpu_backends(backend, group_kwargs):
+    assert cuda_checks.check_2d_mesh(harness.make_mesh(2, data=2), backend=backend,
+                                     group_kwargs=group_kwargs) == 4

@@ -2,7 +2,8 @@
 check of the cuda backend (tests/cuda_checks.py: dispatch bit-exact with the numpy oracle,
 both combines, both VJPs, bitwise repeatability, 20 rounds in a lax.scan), on one GPU, on all
 GPUs of one process, and on N processes sharing the GPU split into 2 emulated hosts (inter-host
-leg XLA all_to_all over NCCL, intra-host leg CUDA IPC)."""
+leg XLA all_to_all over NCCL, intra-host leg CUDA IPC); and EP over one axis of a 2-D mesh
+(with the cuda backend too)."""
 
 import jax
 import numpy as np
@@ -84,3 +85,20 @@ def test_processes_sharing_the_gpu_as_two_hosts(world):
         for leg in ("cuda", "xla"):
             for case in cuda_checks.CASES:
                 assert f"hierarchical/{leg} {case.name} ok" in out, out[-4000:]
+
+
+def test_processes_sharing_the_gpu_2d_mesh():
+    """4 processes as a ('data', 'expert') = (2, 2) mesh: one EP group per data slice, for the
+    cuda backend and the hierarchical one (2 hosts of one rank, and 1 host of two)."""
+    results = mp_launch.launch("tests.mp_worker", 4, ["--mode", "mesh2d"], timeout_s=300,
+                               nccl_host_per_process=True)
+    for rank, (code, out) in enumerate(results):
+        assert code == 0, f"rank {rank} exited {code}:\n{out[-4000:]}"
+        assert out.count("mesh2d") >= 3 and out.count(" ok") >= 3, out[-4000:]
+
+
+@pytest.mark.skipif(num_gpus() < 4, reason="needs 4 GPUs (one process driving them all)")
+def test_one_process_driving_four_gpus_2d_mesh():
+    mesh = Mesh(np.array(jax.devices("gpu")[:4]).reshape(2, 2), ("data", "expert"))
+    for backend, kwargs in (("cuda", None), ("hierarchical", dict(hosts=[0, 1]))):
+        assert cuda_checks.check_2d_mesh(mesh, backend=backend, group_kwargs=kwargs) == 4

@@ -24,6 +24,7 @@ from typing import NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jax_ep import layout
@@ -223,32 +224,58 @@ class HierarchicalBackend:
         """[num_hosts, ...] entry g for host g -> [num_hosts, ...] entry g from host g."""
         return _all_to_all(x, self.axis_name, self.inter_groups)
 
+    def _inter_packed(self, parts: list) -> list:
+        """_inter of several [num_hosts, T, ...] arrays as one collective: their bytes side by
+        side per (host, token). Between hosts each collective pays the network's latency, so a
+        dispatch moves its routing, weights and tokens in one."""
+        if len(parts) == 1 or len(self.inter_groups[0]) == 1:  # one host: nothing to move
+            return [self._inter(a) for a in parts]
+        nh, t = parts[0].shape[:2]
+        packed = jnp.concatenate(
+            [lax.bitcast_convert_type(a, jnp.uint8).reshape(nh, t, -1) for a in parts], axis=-1)
+        got = self._inter(packed)
+        out, at = [], 0
+        for a in parts:
+            size = a.dtype.itemsize
+            n = size * int(np.prod(a.shape[2:], dtype=np.int64))
+            piece = got[..., at:at + n].reshape(a.shape + ((size,) if size > 1 else ()))
+            out.append(lax.bitcast_convert_type(piece, a.dtype))
+            at += n
+        return out
+
     def _dest_host(self, dest_rank):
         host_of = jnp.asarray(self.topo.host_of, jnp.int32)
         return jnp.where(dest_rank >= 0, host_of[jnp.maximum(dest_rank, 0)], -1)
 
     # --- forward: source -> forwarder -> receiver ------------------------------------------------
 
-    def _pool_routing(self, dest_rank, dest_row, sizes: Sizes) -> Pool:
-        """The forwarder's pool routing: (dest_rank, dest_row) of each pool slot landing on
-        this host, -1 elsewhere; 2k int32 per token cross each remote host."""
-        nh, t, k = self.topo.num_hosts, sizes.num_tokens, sizes.top_k
+    def _routing_out(self, dest_rank, dest_row):
+        """[num_hosts, T, k, 2] int32: for each host, (dest_rank, dest_row) of the slots landing
+        there, -1 elsewhere; 2k int32 per token cross each remote host."""
+        nh = self.topo.num_hosts
         on_host = self._dest_host(dest_rank)[None] == jnp.arange(nh)[:, None, None]  # [nh, T, k]
-        meta = jnp.stack([jnp.where(on_host, dest_rank[None], -1),
+        return jnp.stack([jnp.where(on_host, dest_rank[None], -1),
                           jnp.where(on_host, dest_row[None], -1)], axis=-1)
-        meta = self._inter(meta).reshape(nh * t, k, 2)
+
+    def _pool_routing(self, dest_rank, dest_row, sizes: Sizes) -> Pool:
+        """The forwarder's pool routing alone (combine's, for a leg that collects by it)."""
+        meta = self._inter(self._routing_out(dest_rank, dest_row))
+        meta = meta.reshape(self.topo.num_hosts * sizes.num_tokens, sizes.top_k, 2)
         return Pool(None, None, meta[..., 0], meta[..., 1])
 
     def _forward(self, x, slot_values, dest_rank, dest_row, num_recv, sizes: Sizes):
         nh, t, k = self.topo.num_hosts, sizes.num_tokens, sizes.top_k
         p = nh * t
-        pool = self._pool_routing(dest_rank, dest_row, sizes)
+        parts = [self._routing_out(dest_rank, dest_row)]
         if x is not None:
-            pool = pool._replace(
-                x=self._inter(jnp.broadcast_to(x, (nh,) + x.shape)).reshape(p, x.shape[1]))
+            parts.append(jnp.broadcast_to(x, (nh,) + x.shape))
         if slot_values is not None:
-            pool = pool._replace(
-                values=self._inter(jnp.broadcast_to(slot_values, (nh, t, k))).reshape(p, k))
+            parts.append(jnp.broadcast_to(slot_values, (nh, t, k)))
+        got = self._inter_packed(parts)
+        meta = got[0].reshape(p, k, 2)
+        pool = Pool(got[1].reshape(p, x.shape[1]) if x is not None else None,
+                    got[-1].reshape(p, k) if slot_values is not None else None,
+                    meta[..., 0], meta[..., 1])
         return self.intra.deliver(pool, num_recv, sizes)
 
     def dispatch(self, x, topk_idx, topk_weights, sizes: Sizes):
@@ -275,14 +302,16 @@ class HierarchicalBackend:
         pool_sum, pool_values = self.intra.collect(rows, row_scale, row_values, handle, pool,
                                                    sizes)
         out = slot_values = None
+        parts = [a.reshape((nh, t, -1)) for a in (pool_sum, pool_values) if a is not None]
+        back_parts = self._inter_packed(parts)
         if pool_sum is not None:
-            back = self._inter(pool_sum.reshape(nh, t, -1))  # [host, T, H] partial sums
+            back = back_parts[0]  # [host, T, H] partial sums
             acc = back[0]
             for g in range(1, nh):  # fixed order over hosts
                 acc = acc + back[g]
             out = acc.astype(rows.dtype)
         if pool_values is not None:
-            back = self._inter(pool_values.reshape(nh, t, k))  # [host, T, k]
+            back = back_parts[-1]  # [host, T, k]
             dest_host = self._dest_host(handle.dest_rank)
             picked = jnp.take_along_axis(back, jnp.maximum(dest_host, 0)[None], axis=0)[0]
             slot_values = jnp.where(dest_host >= 0, picked, jnp.zeros((), _f32))

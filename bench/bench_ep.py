@@ -159,8 +159,6 @@ def make_inputs(rng, world, t, h, k, e, sets=4):
 
 
 def bench_shape(name, args, mesh, results, to_global, world):
-    import jax
-    import jax.numpy as jnp
     import numpy as np
 
     import jax_ep

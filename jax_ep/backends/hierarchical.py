@@ -296,7 +296,7 @@ class HierarchicalBackend:
     # --- backward: receiver -> forwarder -> source -----------------------------------------------
 
     def combine(self, rows, row_scale, row_values, handle: Handle, sizes: Sizes):
-        nh, t, k = self.topo.num_hosts, sizes.num_tokens, sizes.top_k
+        nh, t = self.topo.num_hosts, sizes.num_tokens
         pool = (self._pool_routing(handle.dest_rank, handle.dest_row, sizes)
                 if self.intra.collect_needs_pool else None)
         pool_sum, pool_values = self.intra.collect(rows, row_scale, row_values, handle, pool,

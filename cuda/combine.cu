@@ -1,6 +1,6 @@
 // Combine: rows go back to the slots they came from and are summed per token.
 //
-// After a barrier (every peer's staging is free), the push phase (one warp per row) writes each
+// After a barrier (every peer's staging is free), the push phase ((row, piece) items) writes each
 // row held for a peer's slot (s, f) into s's staging at slot f, with its scale and value; rows
 // of this rank's own slots stay where they are. The reduce phase (one warp per token, after
 // every peer's data_done flag) sums a token's delivered slots in slot order in float32, reading
@@ -56,24 +56,25 @@ __global__ void __launch_bounds__(kThreads) PushKernel(CombineParams p) {
   const int vecs = static_cast<int>(p.shape.row_bytes / 16);
   const int slots = p.shape.tokens * p.shape.top_k;
   const long long used = *p.num_recv;
-  // 32 rows' sources per warp step; the warp then pushes the rows that belong to a peer.
-  for (long long r0 = static_cast<long long>(GlobalWarp()) * kWarp; r0 < used;
-       r0 += static_cast<long long>(NumWarps()) * kWarp) {
-    const long long mine = r0 + lane;
-    const int id = mine < used ? p.row_src[mine] : -1;
-    const int src = id >= 0 ? id / slots : env.rank;
-    const bool remote = src != env.rank && src < env.num_ranks;
-    for (unsigned m = __ballot_sync(0xffffffffu, remote); m; m &= m - 1) {
-      const int j = __ffs(m) - 1;
-      const long long r = r0 + j;
-      const int s_rank = __shfl_sync(0xffffffffu, src, j);
-      const int f = __shfl_sync(0xffffffffu, id, j) % slots;
-      if (p.rows) WarpCopyRow(At<int4>(env, s_rank, L.staging) + static_cast<long long>(f) * vecs,
-                              p.rows + r * vecs, vecs, lane);
-      if (lane == j) {
-        if (p.row_scale) At<float>(env, s_rank, L.row_f32)[f] = p.row_scale[r];
-        if (p.row_values) At<float>(env, s_rank, L.slot_f32)[f] = p.row_values[r];
-      }
+  // (row, piece of the row) items over every warp: at decode sizes a rank holds about T * k
+  // rows, too few for a warp each. Rows of this rank's own slots stay where they are.
+  const int units = p.rows ? (vecs + kWarp - 1) / kWarp : 1;
+  const int pieces = PiecesPerToken(static_cast<int>(used), units);
+  for (long long item = GlobalWarp(); item < used * pieces; item += NumWarps()) {
+    const long long r = item / pieces;
+    const int piece = static_cast<int>(item % pieces);
+    const int id = p.row_src[r];
+    const int s_rank = id >= 0 ? id / slots : env.rank;
+    if (s_rank == env.rank || s_rank >= env.num_ranks) continue;
+    const int f = id % slots;
+    if (p.rows) {
+      WarpCopyUnits<false>(At<int4>(env, s_rank, L.staging) + static_cast<long long>(f) * vecs,
+                           p.rows + r * vecs, piece * units / pieces, (piece + 1) * units / pieces,
+                           vecs, lane);
+    }
+    if (piece == 0 && lane == 0) {
+      if (p.row_scale) At<float>(env, s_rank, L.row_f32)[f] = p.row_scale[r];
+      if (p.row_values) At<float>(env, s_rank, L.slot_f32)[f] = p.row_values[r];
     }
   }
   if (LastBlockDone(&Signal(env, env.rank)->block_counter[1])) {

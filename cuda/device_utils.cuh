@@ -128,22 +128,26 @@ __device__ inline bool LastBlockDone(unsigned int* counter) {
   return last != 0;
 }
 
-// Copies one row of `vecs` 16-byte vectors with the lanes of a warp, 4 loads in flight per lane.
-// kFromPeer: the source was written by another rank (or another kernel's peer), so loads go
-// through L2 (ld.global.cg) and never hit a stale L1 line.
-template <bool kFromPeer = false>
-__device__ __forceinline__ void WarpCopyRow(int4* __restrict__ dst, const int4* __restrict__ src,
-                                            int vecs, int lane) {
-  auto load = [src](int v) { return kFromPeer ? __ldcg(src + v) : src[v]; };
-  int v = lane;
-  for (; v + 3 * kWarp < vecs; v += 4 * kWarp) {
-    const int4 a = load(v), b = load(v + kWarp), c = load(v + 2 * kWarp), d = load(v + 3 * kWarp);
-    dst[v] = a;
-    dst[v + kWarp] = b;
-    dst[v + 2 * kWarp] = c;
-    dst[v + 3 * kWarp] = d;
+// Copies 32-vector units [unit_begin, unit_end) of a row (unit u = vectors u * 32 .. u * 32 + 31,
+// one a lane), kInFlight loads a lane issued before their stores. Work handed out per (row,
+// piece) spreads a few long rows over every warp. kFromPeer: loads through L2 (ld.global.cg),
+// for rows another rank wrote.
+template <bool kFromPeer, int kInFlight = 8>
+__device__ __forceinline__ void WarpCopyUnits(int4* __restrict__ dst, const int4* __restrict__ src,
+                                              int unit_begin, int unit_end, int vecs, int lane) {
+  for (int u0 = unit_begin; u0 < unit_end; u0 += kInFlight) {
+    int4 chunk[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const int v = (u0 + u) * kWarp + lane;
+      if (u0 + u < unit_end && v < vecs) chunk[u] = kFromPeer ? __ldcg(src + v) : src[v];
+    }
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const int v = (u0 + u) * kWarp + lane;
+      if (u0 + u < unit_end && v < vecs) dst[v] = chunk[u];
+    }
   }
-  for (; v < vecs; v += kWarp) dst[v] = load(v);
 }
 
 __device__ __forceinline__ void WarpZeroRow(int4* __restrict__ dst, int vecs, int lane) {

@@ -5,8 +5,8 @@
 // its first slot for d (in slot order) is the token's primary row there, the token's bytes go
 // to d's staging buffer at that row, and every row of the token on d records the primary row so
 // d can expand it. Per-row metadata (weight, source slot) goes with it.
-// Finalize (one warp per row, after every peer's data_done flag): copies staged rows into XLA's
-// output, and zero-fills the rows past num_recv.
+// Finalize ((row, piece) items over every warp, after every peer's data_done flag): copies staged
+// rows into XLA's output, and zero-fills the rows past num_recv.
 #include "cuda/device_utils.cuh"
 #include "cuda/ep_kernels.h"
 #include "cuda/layout_kernels.cuh"
@@ -168,27 +168,27 @@ __global__ void __launch_bounds__(kThreads) FinalizeKernel(FinalizeParams p) {
   const long long capacity = p.shape.capacity;
 
   {
-    // Rows a peer staged: 32 rows' primaries per warp step, then the warp copies those found.
+    // Rows a peer staged, as (row, piece of the row) items over every warp: at decode sizes a
+    // rank receives about T * k rows, too few for a warp each. Rows the send pass wrote in
+    // place have no primary (-1).
     const int32_t* primary = At<int32_t>(env, env.rank, L.row_primary);
     const float* staged_values = At<float>(env, env.rank, L.row_f32);
     const int32_t* staged_src = At<int32_t>(env, env.rank, L.row_src);
     const int4* staging = At<int4>(env, env.rank, L.staging);
-    for (long long r0 = static_cast<long long>(GlobalWarp()) * kWarp; r0 < used;
-         r0 += static_cast<long long>(NumWarps()) * kWarp) {
-      const long long mine = r0 + lane;
-      const int from = mine < used ? __ldcg(&primary[mine]) : -1;
-      for (unsigned m = __ballot_sync(0xffffffffu, from >= 0); m; m &= m - 1) {
-        const int j = __ffs(m) - 1;
-        const long long r = r0 + j;
-        const int src_row = __shfl_sync(0xffffffffu, from, j);
-        if (p.out_x) {
-          WarpCopyRow<true>(p.out_x + r * vecs, staging + static_cast<long long>(src_row) * vecs,
-                            vecs, lane);
-        }
-        if (lane == j) {
-          if (p.out_values) p.out_values[r] = __ldcg(&staged_values[r]);
-          if (p.out_row_src) p.out_row_src[r] = __ldcg(&staged_src[r]);
-        }
+    const int units = p.out_x ? (vecs + kWarp - 1) / kWarp : 1;
+    const int pieces = PiecesPerToken(static_cast<int>(used), units);
+    for (long long item = GlobalWarp(); item < used * pieces; item += NumWarps()) {
+      const long long r = item / pieces;
+      const int piece = static_cast<int>(item % pieces);
+      const int from = __ldcg(&primary[r]);
+      if (from < 0) continue;
+      if (p.out_x) {
+        WarpCopyUnits<true>(p.out_x + r * vecs, staging + static_cast<long long>(from) * vecs,
+                            piece * units / pieces, (piece + 1) * units / pieces, vecs, lane);
+      }
+      if (piece == 0 && lane == 0) {
+        if (p.out_values) p.out_values[r] = __ldcg(&staged_values[r]);
+        if (p.out_row_src) p.out_row_src[r] = __ldcg(&staged_src[r]);
       }
     }
   }

@@ -82,6 +82,9 @@ for s in "$@"; do
           --num-sms ${TRACE_SMS:-132} --runs ${TRACE_RUNS:-1}
         head -4 "$LOGS/trace_${shape}_$op${TRACE_TAG:-}.log"
       done; done ;;
+    trace8)  # rank 0's timeline of decode rounds with 8 processes sharing the GPU under MPS
+      stage trace8 200 python3 bench/trace_ops.py --shape decode --op round --world 8 --mps \
+        --num-sms 8 --runs 2 ;;
     ncu)  # per-kernel device time and DRAM bytes of one dispatch + combine per shape
       for sms in ${NCU_SMS:-24 132}; do for shape in ${NCU_SHAPES:-decode mixtral deepseek_v3}; do
         stage "ncu_${shape}_sms$sms" 150 ncu --clock-control none --profile-from-start off --csv \

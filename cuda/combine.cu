@@ -141,33 +141,7 @@ __global__ void __launch_bounds__(ReduceThreads(kPerLane)) ReduceKernel(CombineP
       // Vectors of the row past this piece's end (or the row's) are not this warp's.
       const int v_end = min(unit_end * kWarp, vecs);
       float acc[kPerLane][V::kN];
-#pragma unroll
-      for (int u = 0; u < kPerLane; ++u)
-#pragma unroll
-        for (int i = 0; i < V::kN; ++i) acc[u][i] = 0.0f;
-      for (unsigned m = delivered; m;) {
-        int4 loaded[kGroup][kPerLane];
-        float scales[kGroup];
-        int n = 0;
-#pragma unroll
-        for (int g = 0; g < kGroup; ++g) {
-          if (m) {
-            const int j = __ffs(m) - 1;
-            m &= m - 1;
-            const int4* s = reinterpret_cast<const int4*>(
-                __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(src), j));
-            scales[g] = __shfl_sync(0xffffffffu, scale, j);
-            const bool staged = (remote_mask >> j) & 1u;
-#pragma unroll
-            for (int u = 0; u < kPerLane; ++u) {
-              const int v = v0 + u * kWarp;
-              if (v < v_end) loaded[g][u] = staged ? __ldcg(s + v) : s[v];
-            }
-            n = g + 1;
-          }
-        }
-        AccumulateSlots<T, kGroup, kPerLane>(acc, loaded, scales, n, v0, v_end);
-      }
+      SumSlotRows<T, kGroup, kPerLane>(acc, delivered, remote_mask, src, scale, v0, v_end);
 #pragma unroll
       for (int u = 0; u < kPerLane; ++u) {
         const int v = v0 + u * kWarp;

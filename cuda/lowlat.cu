@@ -446,33 +446,8 @@ __global__ void __launch_bounds__(kReduceThreads) CombineReduceKernel(CombinePar
     const unsigned staged_mask = __ballot_sync(0xffffffffu, staged);
     const int v0 = seg * kSegVecs + lane;
     float acc[kPerLane][V::kN];
-#pragma unroll
-    for (int u = 0; u < kPerLane; ++u)
-#pragma unroll
-      for (int i = 0; i < V::kN; ++i) acc[u][i] = 0.0f;
-    for (unsigned mm = __ballot_sync(0xffffffffu, src != nullptr); mm;) {
-      int4 loaded[kGroup][kPerLane];
-      float sc[kGroup];
-      int got = 0;
-#pragma unroll
-      for (int g = 0; g < kGroup; ++g) {
-        if (mm) {
-          const int j = __ffs(mm) - 1;
-          mm &= mm - 1;
-          const int4* sj = reinterpret_cast<const int4*>(
-              __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(src), j));
-          sc[g] = __shfl_sync(0xffffffffu, scale, j);
-          const bool from_peer = (staged_mask >> j) & 1u;
-#pragma unroll
-          for (int u = 0; u < kPerLane; ++u) {
-            const int v = v0 + u * kWarp;
-            if (v < vecs) loaded[g][u] = from_peer ? __ldcg(sj + v) : sj[v];
-          }
-          got = g + 1;
-        }
-      }
-      AccumulateSlots<T, kGroup, kPerLane>(acc, loaded, sc, got, v0, vecs);
-    }
+    SumSlotRows<T, kGroup, kPerLane>(acc, __ballot_sync(0xffffffffu, src != nullptr),
+                                     staged_mask, src, scale, v0, vecs);
     int4* dst = p.out + static_cast<long long>(t) * vecs;
 #pragma unroll
     for (int u = 0; u < kPerLane; ++u) {

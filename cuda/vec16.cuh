@@ -81,4 +81,42 @@ __device__ __forceinline__ void AccumulateSlots(float (&acc)[kPerLane][Vec16F32<
   }
 }
 
+// The gather-reduce of a combine, for one lane's kPerLane vectors (v0 + u * 32, those below
+// v_end): acc = the sum, in slot order, of scale_j * row_j over the lanes j set in `slots`, where
+// lane j holds slot j's row pointer and scale; kGroup slots' loads are in flight before they
+// are added. Rows of the lanes set in `peer_rows` were written by another rank and are read
+// through L2 (ld.global.cg).
+template <typename T, int kGroup, int kPerLane>
+__device__ __forceinline__ void SumSlotRows(float (&acc)[kPerLane][Vec16F32<T>::kN],
+                                            unsigned slots, unsigned peer_rows,
+                                            const int4* row, float scale, int v0, int v_end) {
+#pragma unroll
+  for (int u = 0; u < kPerLane; ++u)
+#pragma unroll
+    for (int i = 0; i < Vec16F32<T>::kN; ++i) acc[u][i] = 0.0f;
+  for (unsigned m = slots; m;) {
+    int4 loaded[kGroup][kPerLane];
+    float scales[kGroup];
+    int n = 0;
+#pragma unroll
+    for (int g = 0; g < kGroup; ++g) {
+      if (m) {
+        const int j = __ffs(m) - 1;
+        m &= m - 1;
+        const int4* s = reinterpret_cast<const int4*>(
+            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(row), j));
+        scales[g] = __shfl_sync(0xffffffffu, scale, j);
+        const bool from_peer = (peer_rows >> j) & 1u;
+#pragma unroll
+        for (int u = 0; u < kPerLane; ++u) {
+          const int v = v0 + u * 32;
+          if (v < v_end) loaded[g][u] = from_peer ? __ldcg(s + v) : s[v];
+        }
+        n = g + 1;
+      }
+    }
+    AccumulateSlots<T, kGroup, kPerLane>(acc, loaded, scales, n, v0, v_end);
+  }
+}
+
 }  // namespace jax_ep

@@ -16,15 +16,6 @@ namespace ffi = xla::ffi;
 namespace jax_ep {
 namespace {
 
-ffi::ErrorOr<ElemType> RowType(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::F32: return ElemType::kF32;
-    case ffi::DataType::BF16: return ElemType::kBF16;
-    case ffi::DataType::F16: return ElemType::kF16;
-    default: return ffi::Unexpected(InvalidArgument("rows must be float32, bfloat16 or float16"));
-  }
-}
-
 // Checks a call's shape against the limits the group's buffers were sized for.
 ffi::ErrorOr<CallShape> Shape(const Context& ctx, int64_t tokens, int64_t top_k, int64_t hidden,
                               size_t itemsize, int64_t capacity) {
@@ -138,7 +129,7 @@ ffi::Error CombineImpl(cudaStream_t stream, int32_t device, ffi::AnyBuffer rows,
   if (rd.size() != 2 || xd.size() != 2) {
     return InvalidArgument("combine expects rows [C, H] and dest_rank [T, k]");
   }
-  auto elem = RowType(rows.element_type());
+  auto elem = CombineRowType(rows.element_type(), "combine");
   if (has_rows && elem.has_error()) return elem.error();
   auto shape = Shape(**ctx, rd[0], rd[1], has_rows ? xd[1] : 0,
                      ffi::ByteWidth(rows.element_type()), row_src.dimensions()[0]);

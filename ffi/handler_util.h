@@ -5,6 +5,7 @@
 
 #include <string>
 
+#include "cuda/ep_kernels.h"
 #include "ffi/group_state.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -34,5 +35,18 @@ inline xla::ffi::ErrorOr<Context*> Lookup(int64_t group_id, int32_t device) {
 }
 
 inline bool IsAbsent(const xla::ffi::AnyBuffer& b) { return b.element_count() == 0; }
+
+// The element type of rows a combine reduces (it sums them in float32), for either layout's
+// handler; `op` names the operation in the error.
+inline xla::ffi::ErrorOr<ElemType> CombineRowType(xla::ffi::DataType t, const char* op) {
+  switch (t) {
+    case xla::ffi::DataType::F32: return ElemType::kF32;
+    case xla::ffi::DataType::BF16: return ElemType::kBF16;
+    case xla::ffi::DataType::F16: return ElemType::kF16;
+    default:
+      return xla::ffi::Unexpected(
+          InvalidArgument(std::string(op) + " rows must be float32, bfloat16 or float16"));
+  }
+}
 
 }  // namespace jax_ep

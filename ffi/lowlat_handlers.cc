@@ -114,15 +114,6 @@ ffi::Error PaddedDispatchImpl(
   return err == cudaSuccess ? ffi::Error::Success() : CudaError(err, "padded dispatch");
 }
 
-ffi::ErrorOr<ElemType> RowElem(ffi::DataType t) {
-  switch (t) {
-    case ffi::DataType::F32: return ElemType::kF32;
-    case ffi::DataType::BF16: return ElemType::kBF16;
-    case ffi::DataType::F16: return ElemType::kF16;
-    default: return ffi::Unexpected(Invalid("combine rows must be float32, bfloat16 or float16"));
-  }
-}
-
 ffi::Error PaddedCombineImpl(
     cudaStream_t stream, int32_t device, ffi::AnyBuffer rows, ffi::Buffer<ffi::F32> row_scale,
     ffi::Buffer<ffi::F32> row_values, ffi::Buffer<ffi::S32> recv_counts,
@@ -138,7 +129,7 @@ ffi::Error PaddedCombineImpl(
   if (kd.size() != 2 || rd.size() != 3) {
     return Invalid("combine expects rows [E_local, N * max_tokens, H] and slot_expert [T, k]");
   }
-  auto elem = RowElem(rows.element_type());
+  auto elem = CombineRowType(rows.element_type(), "padded combine");
   if (has_rows && elem.has_error()) return elem.error();
   const int64_t row_bytes = has_rows ? rd[2] * static_cast<int64_t>(ffi::ByteWidth(rows.element_type())) : 0;
   auto shape = Shape(**ctx, kd[0], kd[1], row_bytes, 0);

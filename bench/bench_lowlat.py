@@ -48,20 +48,8 @@ def launch_world(args, argv) -> int:
     """Starts args.world ranks of this script (jax.distributed on 127.0.0.1)."""
     sys.path.insert(0, str(ROOT))
     from bench import run_world
-    from tests import mp_launch
 
-    passed = [a for a in argv if a != "--mps"]
-    if args.mps:
-        run_world.start_mps()
-    try:
-        results = mp_launch.launch("bench.bench_lowlat", args.world, passed, timeout_s=580)
-    finally:
-        if args.mps:
-            run_world.stop_mps()
-    for rank, (code, out) in enumerate(results):
-        if code != 0 or rank == 0:
-            print(f"--- rank {rank} exit {code}\n{out[-6000:]}")
-    return max(abs(c) for c, _ in results)
+    return run_world.launch("bench.bench_lowlat", args.world, argv, timeout_s=580)
 
 
 def host_inputs(rng, world, t, h, k, e, rounds, sets=4):

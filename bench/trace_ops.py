@@ -176,20 +176,9 @@ def main() -> int:
 def launch_world(args) -> int:
     """Starts args.world ranks of this script sharing the GPU; prints rank 0's report."""
     from bench import run_world
-    from tests import mp_launch
 
-    argv = [a for a in sys.argv[1:] if a != "--mps"]
-    if args.mps:
-        run_world.start_mps()
-    try:
-        results = mp_launch.launch("bench.trace_ops", args.world, argv, timeout_s=300)
-    finally:
-        if args.mps:
-            run_world.stop_mps()
-    for rank, (code, out) in enumerate(results):
-        if code != 0 or rank == 0:
-            print(f"--- rank {rank} exit {code}\n{out[-12000:]}")
-    return max(abs(c) for c, _ in results)
+    return run_world.launch("bench.trace_ops", args.world, sys.argv[1:], timeout_s=300,
+                            tail=12000)
 
 
 if __name__ == "__main__":

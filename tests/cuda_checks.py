@@ -96,15 +96,16 @@ def make_group(mesh: Mesh, case: Case, backend: str = "cuda", group_kwargs: dict
     return jax_ep.EPGroup(mesh, "expert", cfg, backend=backend, **(group_kwargs or {}))
 
 
-def _per_rank_program(group: jax_ep.EPGroup):
-    """dispatch, both combines, and the VJPs of dispatch and weighted combine, per rank."""
+def per_rank_program(group: jax_ep.EPGroup, layout: str = "normal"):
+    """dispatch in `layout`, both combines, and the VJPs of dispatch and weighted combine, per
+    rank."""
 
     def body(x, idx, w, ct_rows, ct_row_w, ct_out):
-        d = jax_ep.dispatch(group, x, idx, w)
+        d = jax_ep.dispatch(group, x, idx, w, layout=layout)
         plain = jax_ep.combine(group, d.x, d.handle)
         weighted = jax_ep.combine(group, d.x, d.handle, weights=d.weights)
-        _, vjp_dispatch = jax.vjp(
-            lambda a, b: (lambda o: (o.x, o.weights))(jax_ep.dispatch(group, a, idx, b)), x, w)
+        _, vjp_dispatch = jax.vjp(lambda a, b: (lambda o: (o.x, o.weights))(
+            jax_ep.dispatch(group, a, idx, b, layout=layout)), x, w)
         ct_x, ct_w = vjp_dispatch((ct_rows, ct_row_w))
         _, vjp_combine = jax.vjp(
             lambda rows, s: jax_ep.combine(group, rows, d.handle, weights=s), d.x, d.weights)
@@ -129,6 +130,27 @@ def inputs_for(case: Case, num_ranks: int, seed: int):
     return x, idx, w, ct_rows, ct_row_w, ct_out, cfg_capacity
 
 
+def check_same_results(mesh: Mesh, case: Case, setups, seed: int) -> list:
+    """Runs dispatch and both combines of `case` on each (backend, group_kwargs) of `setups`
+    and checks the later ones against the first: dispatch byte for byte, combine to rounding
+    (the summation order may differ). Returns the groups' repr, for the caller's checks."""
+    x, idx, w, *_ = inputs_for(case, mesh.shape["expert"], seed=seed)
+    results, names = [], []
+    for backend, group_kwargs in setups:
+        group = make_group(mesh, case, backend=backend, group_kwargs=group_kwargs)
+        names.append(repr(group))
+        results.append(harness.dispatch_combine_all(group, x, idx, w))
+        group.close()
+    (d, plain, weighted), rest = results[0], results[1:]
+    for d_other, plain_other, weighted_other in rest:
+        for a, b in zip(jax.tree.leaves(d), jax.tree.leaves(d_other)):
+            np.testing.assert_array_equal(np.asarray(a).view(np.uint8),
+                                          np.asarray(b).view(np.uint8))
+        for a, b in ((plain, plain_other), (weighted, weighted_other)):
+            harness.assert_combine_close(a, np.asarray(b, np.float64), case.dtype)
+    return names
+
+
 def check_case(mesh: Mesh, case: Case, seed: int = 0, backend: str = "cuda",
                group_kwargs: dict | None = None) -> int:
     """Runs `case` on `backend` (EPGroup keywords group_kwargs) and checks every rank this
@@ -138,7 +160,7 @@ def check_case(mesh: Mesh, case: Case, seed: int = 0, backend: str = "cuda",
     want = oracle.dispatch(x, idx, w, case.experts_per_rank * n, capacity)
     group = make_group(mesh, case, backend=backend, group_kwargs=group_kwargs)
     try:
-        program = _per_rank_program(group)
+        program = per_rank_program(group)
         args = [to_global(a, mesh) for a in (x, idx, w, ct_rows, ct_row_w, ct_out)]
         out = program(*args)
         again = program(*args)

@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 import jax_ep
 from tests import harness, oracle
-from tests.cuda_checks import Case, local_parts, routing_for, to_global
+from tests.cuda_checks import Case, local_parts, per_rank_program, routing_for, to_global
 
 # max_tokens is the case's tokens + 3, so the padding past T is exercised too.
 CASES = [
@@ -46,24 +46,6 @@ def make_group(mesh: Mesh, case: Case, backend: str = "cuda", **extra) -> jax_ep
     return jax_ep.EPGroup(mesh, "expert", cfg, backend=backend)
 
 
-def _program(group: jax_ep.EPGroup):
-    """Padded dispatch, both combines, and the VJPs of dispatch and weighted combine."""
-
-    def body(x, idx, w, ct_rows, ct_row_w, ct_out):
-        d = jax_ep.dispatch(group, x, idx, w, layout="padded")
-        plain = jax_ep.combine(group, d.x, d.handle)
-        weighted = jax_ep.combine(group, d.x, d.handle, weights=d.weights)
-        _, vjp_dispatch = jax.vjp(lambda a, b: (lambda o: (o.x, o.weights))(
-            jax_ep.dispatch(group, a, idx, b, layout="padded")), x, w)
-        ct_x, ct_w = vjp_dispatch((ct_rows, ct_row_w))
-        _, vjp_combine = jax.vjp(
-            lambda rows, s: jax_ep.combine(group, rows, d.handle, weights=s), d.x, d.weights)
-        ct_comb_rows, ct_comb_w = vjp_combine(ct_out)
-        return d, plain, weighted, ct_x, ct_w, ct_comb_rows, ct_comb_w
-
-    return harness.per_rank(group.mesh, body)
-
-
 def check_case(mesh: Mesh, case: Case, seed: int = 0, backend: str = "cuda") -> int:
     """Runs `case` in the padded layout on `backend`; checks every rank this process holds
     against the oracle (dispatch bit for bit, combines and VJPs to float32 rounding, two runs
@@ -81,7 +63,7 @@ def check_case(mesh: Mesh, case: Case, seed: int = 0, backend: str = "cuda") -> 
     want = oracle.padded_dispatch(x, idx, w, el * n, m)
     group = make_group(mesh, case, backend=backend)
     try:
-        program = _program(group)
+        program = per_rank_program(group, layout="padded")
         args = [to_global(a, mesh) for a in (x, idx, w, ct_rows, ct_row_w, ct_out)]
         parts = local_parts(program(*args))
         parts_again = local_parts(program(*args))

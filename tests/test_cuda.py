@@ -38,19 +38,9 @@ def test_one_gpu_scan_of_20_rounds():
 
 @pytest.mark.parametrize("case", cuda_checks.CASES[:4], ids=lambda c: c.name)
 def test_one_gpu_equals_reference_backend(case):
-    mesh = one_gpu_mesh()
-    x, idx, w, *_ = cuda_checks.inputs_for(case, 1, seed=5)
-    results = []
-    for backend in ("cuda", "reference"):
-        group = cuda_checks.make_group(mesh, case, backend=backend)
-        assert group.backend_name == backend
-        results.append(harness.dispatch_combine_all(group, x, idx, w))
-        group.close()
-    (d, plain, weighted), (d_ref, plain_ref, weighted_ref) = results
-    for a, b in zip(jax.tree.leaves(d), jax.tree.leaves(d_ref)):
-        np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
-    for a, b in ((plain, plain_ref), (weighted, weighted_ref)):
-        harness.assert_combine_close(a, np.asarray(b, np.float64), case.dtype)
+    names = cuda_checks.check_same_results(one_gpu_mesh(), case,
+                                           (("cuda", None), ("reference", None)), seed=5)
+    assert "backend='cuda'" in names[0] and "backend='reference'" in names[1], names
 
 
 def test_auto_picks_cuda_on_gpus():

@@ -29,3 +29,12 @@ def test_cuda_checks_pass_on_hierarchical_xla_leg(case):
 def test_2d_mesh_check_passes_on_cpu_backends(backend, group_kwargs):
     assert cuda_checks.check_2d_mesh(harness.make_mesh(2, data=2), backend=backend,
                                      group_kwargs=group_kwargs) == 4
+
+
+def test_same_results_check_on_cpu_backends():
+    """The GPU tests' backend-against-backend check, on the reference and hierarchical ones."""
+    names = cuda_checks.check_same_results(
+        harness.make_mesh(4), cuda_checks.CASES[1],
+        (("reference", None), ("hierarchical", dict(hosts=[0, 0, 1, 1], intra_host="xla"))),
+        seed=5)
+    assert "backend='hierarchical'" in names[1], names

@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import Mesh
 
 import jax_ep
-from tests import cuda_checks, harness, mp_launch
+from tests import cuda_checks, mp_launch
 from tests.test_cuda import needs_several_gpus, num_gpus, one_gpu_mesh
 
 pytestmark = pytest.mark.gpu
@@ -33,20 +33,10 @@ def test_one_gpu_cuda_leg_scan_of_20_rounds():
 @pytest.mark.parametrize("case", cuda_checks.CASES[:4], ids=lambda c: c.name)
 def test_one_gpu_cuda_leg_equals_xla_leg(case):
     """Same dispatch bytes as the pure-JAX leg; combine equal up to float32 summation order."""
-    mesh = one_gpu_mesh()
-    x, idx, w, *_ = cuda_checks.inputs_for(case, 1, seed=7)
-    results = []
-    for leg in ("cuda", "xla"):
-        group = cuda_checks.make_group(mesh, case, backend="hierarchical",
-                                       group_kwargs=dict(intra_host=leg))
-        assert group.intra_host == leg
-        results.append(harness.dispatch_combine_all(group, x, idx, w))
-        group.close()
-    (d, plain, weighted), (d_xla, plain_xla, weighted_xla) = results
-    for a, b in zip(jax.tree.leaves(d), jax.tree.leaves(d_xla)):
-        np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
-    for a, b in ((plain, plain_xla), (weighted, weighted_xla)):
-        harness.assert_combine_close(a, np.asarray(b, np.float64), case.dtype)
+    names = cuda_checks.check_same_results(
+        one_gpu_mesh(), case, [("hierarchical", dict(intra_host=leg)) for leg in ("cuda", "xla")],
+        seed=7)
+    assert "intra_host='cuda'" in names[0] and "intra_host='xla'" in names[1], names
 
 
 def test_auto_picks_the_cuda_leg_on_gpus():

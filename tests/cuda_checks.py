@@ -143,9 +143,7 @@ def check_same_results(mesh: Mesh, case: Case, setups, seed: int) -> list:
         group.close()
     (d, plain, weighted), rest = results[0], results[1:]
     for d_other, plain_other, weighted_other in rest:
-        for a, b in zip(jax.tree.leaves(d), jax.tree.leaves(d_other)):
-            np.testing.assert_array_equal(np.asarray(a).view(np.uint8),
-                                          np.asarray(b).view(np.uint8))
+        harness.assert_same_bytes(d, d_other)
         for a, b in ((plain, plain_other), (weighted, weighted_other)):
             harness.assert_combine_close(a, np.asarray(b, np.float64), case.dtype)
     return names
@@ -194,9 +192,7 @@ def check_case(mesh: Mesh, case: Case, seed: int = 0, backend: str = "cuda",
         np.testing.assert_allclose(ct_comb_w, w_ct_want, rtol=2e-5, atol=2e-5 * max(
             1.0, np.abs(w_ct_want).max(initial=0)))
         # Bitwise determinism: the same inputs give the same bytes.
-        for a, b in zip(jax.tree.leaves(parts[r]), jax.tree.leaves(parts_again[r])):
-            np.testing.assert_array_equal(np.atleast_1d(a).view(np.uint8),
-                                          np.atleast_1d(b).view(np.uint8))
+        harness.assert_same_bytes(parts[r], parts_again[r])
     return len(parts)
 
 

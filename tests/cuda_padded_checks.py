@@ -91,9 +91,7 @@ def check_case(mesh: Mesh, case: Case, seed: int = 0, backend: str = "cuda") -> 
         harness.assert_combine_close(ct_comb_rows, rows_ct_want, case.dtype)
         np.testing.assert_allclose(ct_comb_w, w_ct_want, rtol=2e-5, atol=2e-5 * max(
             1.0, np.abs(w_ct_want).max(initial=0)))
-        for a, b in zip(jax.tree.leaves(parts[r]), jax.tree.leaves(parts_again[r])):
-            np.testing.assert_array_equal(np.atleast_1d(a).view(np.uint8),
-                                          np.atleast_1d(b).view(np.uint8))
+        harness.assert_same_bytes(parts[r], parts_again[r])
     return len(parts)
 
 

@@ -64,6 +64,14 @@ def dispatch_combine_all(group: jax_ep.EPGroup, x, idx, w):
     return jax.tree.map(np.asarray, per_rank(group.mesh, fn)(x, idx, w))
 
 
+def assert_same_bytes(got, want) -> None:
+    """Every leaf of two pytrees of arrays holds the same bytes (bitwise equality: -0.0 and NaN
+    payloads included)."""
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.atleast_1d(np.asarray(a)).view(np.uint8),
+                                      np.atleast_1d(np.asarray(b)).view(np.uint8))
+
+
 def assert_dispatch_matches(d, want: oracle.OracleDispatch) -> None:
     """Every dispatch output equal to the oracle, bit for bit."""
     np.testing.assert_array_equal(d.x.view(np.uint8), want.rows.view(np.uint8))

@@ -251,12 +251,30 @@ bool CanFuse(int chunks, int num_experts) {
 }
 }  // namespace
 
-cudaError_t PrepareLayoutKernels(int num_experts) {
-  cudaError_t err = cudaFuncSetAttribute(LayoutChunksKernel,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(ChunkSmem(num_experts)));
-  if (err != cudaSuccess) return err;
+size_t LayoutSmemBytes(int num_experts) {
   const size_t notify = CanFuse(1, num_experts) ? FusedNotifySmem(num_experts) : NotifySmem(num_experts);
+  return ChunkSmem(num_experts) > notify ? ChunkSmem(num_experts) : notify;
+}
+
+// The limits are function attributes, shared by every group on the device: they are set to what
+// the largest supported E needs (clamped to the device's opt-in maximum), never to one group's E,
+// so creating a group with fewer experts cannot lower the limit below what an older group's
+// launches use. A group whose E needs more than the device allows is refused at creation
+// (LayoutSmemBytes against cudaDevAttrMaxSharedMemoryPerBlockOptin).
+cudaError_t PrepareLayoutKernels() {
+  int device = 0, optin = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+  const size_t cap = static_cast<size_t>(optin);
+  const size_t chunk = ChunkSmem(kMaxExperts) < cap ? ChunkSmem(kMaxExperts) : cap;
+  const size_t notify_need =
+      kFusedSmemLimit > NotifySmem(kMaxExperts) ? kFusedSmemLimit : NotifySmem(kMaxExperts);
+  const size_t notify = notify_need < cap ? notify_need : cap;
+  err = cudaFuncSetAttribute(LayoutChunksKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(chunk));
+  if (err != cudaSuccess) return err;
   return cudaFuncSetAttribute(DispatchNotifyKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                               static_cast<int>(notify));
 }

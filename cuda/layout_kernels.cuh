@@ -23,7 +23,11 @@ cudaError_t LaunchLayoutAndNotify(const CommEnv& env, const int32_t* topk_idx, i
 // once all ranks have started it, so peers may then write into each other's buffers.
 cudaError_t LaunchBarrier(const CommEnv& env, cudaStream_t stream);
 
-// Opts the layout kernels into the shared memory E experts need, on the current device.
-cudaError_t PrepareLayoutKernels(int num_experts);
+// Opts the layout kernels into the shared memory any supported E needs, on the current device
+// (the same setting whatever the group: idempotent, safe with any number of groups).
+cudaError_t PrepareLayoutKernels();
+
+// Dynamic shared memory the layout pass needs per block for E experts.
+size_t LayoutSmemBytes(int num_experts);
 
 }  // namespace jax_ep

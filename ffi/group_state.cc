@@ -1,6 +1,7 @@
 #include "ffi/group_state.h"
 
 #include <cuda_runtime.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 
 #include <cstdio>
@@ -104,7 +105,16 @@ void CreateContext(int64_t group_id, int device, int rank, int num_ranks, int nu
   ctx->timeout_ns = static_cast<unsigned long long>(timeout_s * 1e9);
   {
     DeviceGuard guard(device);
-    Check(PrepareLayoutKernels(num_experts), "configuring the layout kernels");
+    int optin = 0;
+    Check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+          "cudaDeviceGetAttribute");
+    if (LayoutSmemBytes(num_experts) > static_cast<size_t>(optin)) {
+      throw std::invalid_argument(
+          "jax_ep: the layout pass for " + std::to_string(num_experts) + " experts needs " +
+          std::to_string(LayoutSmemBytes(num_experts)) + " bytes of shared memory per block; GPU " +
+          std::to_string(device) + " allows " + std::to_string(optin) + ". Use fewer experts");
+    }
+    Check(PrepareLayoutKernels(), "configuring the layout kernels");
     Check(cudaMalloc(&ctx->buffer, ctx->layout.total_bytes), "cudaMalloc of the EP buffer");
     Check(cudaMemset(ctx->buffer, 0, ctx->layout.total_bytes), "cudaMemset of the EP buffer");
     Check(cudaHostAlloc(reinterpret_cast<void**>(&ctx->error_host), sizeof(ErrorRecord),
@@ -208,6 +218,15 @@ std::string GroupError(int64_t group_id) {
 
 size_t BufferBytes(int64_t group_id, int device) { return Get(group_id, device).layout.total_bytes; }
 
+// (free, total) bytes of `device` as the driver sees them: what the EP buffers (plain cudaMalloc,
+// outside XLA's pool) take and give back shows here.
+std::pair<size_t, size_t> DeviceMemory(int device) {
+  DeviceGuard guard(device);
+  size_t free_bytes = 0, total_bytes = 0;
+  Check(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo");
+  return {free_bytes, total_bytes};
+}
+
 }  // namespace
 
 CommEnv Context::Env() const {
@@ -258,6 +277,8 @@ void BindGroupState(nb::module_& m) {
   m.def("destroy_group", &DestroyGroup, "Frees every context of a group in this process.");
   m.def("group_error", &GroupError, "The first timeout message of a group, or ''.");
   m.def("buffer_bytes", &BufferBytes, "Bytes of one context's communication buffer.");
+  m.def("device_memory", &DeviceMemory, nb::arg("device"),
+        "(free, total) bytes of a local device (cudaMemGetInfo).");
 }
 
 }  // namespace jax_ep

@@ -23,18 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 
-SHAPES = {
-    # name: (T tokens per rank, H, k, E)
-    "deepseek_v3": (4096, 7168, 8, 256),
-    "mixtral": (8192, 4096, 2, 8),
-    "decode": (128, 7168, 8, 256),
-}
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import SHAPES, copy_time, make_inputs, span, timed  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -56,113 +50,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-_barrier_count = 0
-
-
-def sync_processes() -> None:
-    """With several processes, start each timed trial together: otherwise a rank that launches
-    first waits inside the kernels for the others, and its time counts their host-side lag."""
-    import jax
-
-    global _barrier_count
-    if jax.process_count() > 1:
-        from jax._src import distributed
-
-        _barrier_count += 1
-        distributed.global_state.client.wait_at_barrier(f"jax_ep_bench_{_barrier_count}", 120_000)
-
-
-_programs: dict = {}
-
-
-def _program(fn, reps: int):
-    """The jitted program of `reps` calls of fn, one per input set (compiled once per fn)."""
-    import jax
-
-    if (fn, reps) not in _programs:
-        _programs[(fn, reps)] = jax.jit(lambda *sets: [fn(*s) for s in sets])
-    return _programs[(fn, reps)]
-
-
-def timed(fn, input_sets, reps: int, trials: int) -> float:
-    """Per-call seconds of `fn` run as one program: `reps` calls, each on its own input set
-    (distinct sets, so XLA cannot merge equal calls and each set is read from HBM, not L2), in
-    one jitted program that returns every output. Wall clock from the Python call to the
-    outputs being ready, median over `trials` runs, divided by `reps`: device time, the gaps
-    between kernels, and JAX's cost of launching the program (paid once per run, growing with
-    its arguments and outputs; `span` leaves it out)."""
-    import jax
-
-    reps = min(reps, len(input_sets))
-    program = _program(fn, reps)
-    chosen = input_sets[:reps]
-    jax.block_until_ready(program(*chosen))  # compile and warm up
-    samples = []
-    for _ in range(trials):
-        sync_processes()
-        t0 = time.perf_counter()
-        jax.block_until_ready(program(*chosen))
-        samples.append((time.perf_counter() - t0) / reps)
-    return statistics.median(samples)
-
-
-def span(fn, input_sets, reps: int) -> float | None:
-    """Per-call seconds of the same program as `timed` on the GPU timeline (bench/trace_ops.py:
-    a profiler trace, first kernel start to last kernel end of a warm run, divided by reps):
-    device time plus the gaps between kernels, without the host's per-program launch cost."""
-    from bench.trace_ops import steady_span_s
-
-    reps = min(reps, len(input_sets))
-    program = _program(fn, reps)
-    return steady_span_s(program, input_sets[:reps], reps, before_run=sync_processes)
-
-
-def copy_time(nbytes: int, reps: int, trials: int) -> tuple[float, float | None]:
-    """Per-copy seconds (wall as in `timed`, and span) of a device-to-device copy moving
-    `nbytes` (read + write): a chain of `reps` elementwise passes over an array of nbytes / 2,
-    each materialised (optimization_barrier keeps XLA from fusing the chain into one pass)."""
-    from bench.trace_ops import steady_span_s
-
-    import jax
-    import jax.numpy as jnp
-
-    n = nbytes // 2 // 2  # bf16 elements read (and as many written) per pass
-
-    def chain(a):
-        for _ in range(reps):
-            a = jax.lax.optimization_barrier(a + jnp.ones((), a.dtype))
-        return a
-
-    program = jax.jit(chain)
-    a = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
-    jax.block_until_ready(program(a))
-    samples = []
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        jax.block_until_ready(program(a))
-        samples.append((time.perf_counter() - t0) / reps)
-    return statistics.median(samples), steady_span_s(program, [a], reps)
-
-
-def make_inputs(rng, world, t, h, k, e, sets=4):
-    import numpy as np
-    import ml_dtypes
-
-    out = []
-    for _ in range(sets):
-        logits = rng.normal(size=(world, t, e)).astype(np.float32)
-        idx = np.argsort(-logits, axis=-1)[..., :k].astype(np.int32)
-        w = rng.random((world, t, k)).astype(np.float32)
-        x = rng.normal(size=(world, t, h)).astype(ml_dtypes.bfloat16)
-        out.append((x, idx, w))
-    return out
-
-
 def bench_shape(name, args, mesh, results, to_global, world):
     import numpy as np
 
     import jax_ep
-    from tests import harness
+    from jax_ep import per_rank
 
     t, h, k, e = SHAPES[name]
     t = args.tokens or t
@@ -182,9 +74,9 @@ def bench_shape(name, args, mesh, results, to_global, world):
                                                                       args.trials)
 
     def ep_programs(group):
-        dispatch = harness.per_rank(mesh, lambda x, i, w: (
+        dispatch = per_rank.program(mesh, lambda x, i, w: (
             lambda d: (d.x, d.weights, d.handle))(jax_ep.dispatch(group, x, i, w)))
-        combine = harness.per_rank(
+        combine = per_rank.program(
             mesh, lambda rows, rw, hd: jax_ep.combine(group, rows, hd, weights=rw))
         return dispatch, combine
 
@@ -230,7 +122,7 @@ def graph_round_time(group, mesh, host_sets, to_global, args) -> tuple[float, fl
     import numpy as np
 
     import jax_ep
-    from tests import harness
+    from jax_ep import per_rank
 
     r = args.rounds
     x = to_global(host_sets[0][0])
@@ -244,7 +136,7 @@ def graph_round_time(group, mesh, host_sets, to_global, args) -> tuple[float, fl
             return jax_ep.combine(group, d.x, d.handle, weights=d.weights), None
         return jax.lax.scan(step, x0, (idx_r, w_r), unroll=r)[0]
 
-    program = harness.per_rank(mesh, body)
+    program = per_rank.program(mesh, body)
     wall = timed(program, [(x, idx, w)], 1, args.trials) / r
     on_gpu = span(program, [(x, idx, w)], 1)
     return wall, (on_gpu / r if on_gpu is not None else None)
@@ -340,7 +232,6 @@ def plot(results, path):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import jax
 
     if args.world > 1:
@@ -349,12 +240,12 @@ def main(argv=None) -> int:
     import numpy as np
     from jax.sharding import Mesh
 
-    from tests import cuda_checks
+    from jax_ep import per_rank
 
     mesh = Mesh(np.array(jax.devices()[: args.world]), ("expert",))
     results = []
     for name in args.shapes.split(","):
-        bench_shape(name, args, mesh, results, lambda a: cuda_checks.to_global(a, mesh),
+        bench_shape(name, args, mesh, results, lambda a: per_rank.to_global(a, mesh),
                     args.world)
         print(f"[rank {args.rank}] {name} done", flush=True)
     if args.rank == 0:

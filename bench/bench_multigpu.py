@@ -1,10 +1,10 @@
-"""Dispatch / combine across several GPUs of one host, one process driving them all (issue 8).
+"""Dispatch / combine across several GPUs of one host, one process driving them all
 
     python bench/bench_multigpu.py --out bench/out                 # every local GPU
     python bench/bench_multigpu.py --backend reference --cpu 8     # smoke run on 8 CPU devices
 
-For each shape, per operation: time (wall clock, bench_ep.timed, and the span on the GPU
-timeline, bench_ep.span), bandwidth in two metrics (from the span), and the
+For each shape, per operation: time (wall clock, bench.common.timed, and the span on the GPU
+timeline, bench.common.span), bandwidth in two metrics (from the span), and the
 XLA pipelines a JAX user has today:
   - logical (DeepEP's): bytes of the tokens each rank receives, one copy per (token, rank),
     its own tokens included;
@@ -169,8 +169,8 @@ def main(argv=None) -> int:
     from jax.sharding import Mesh
 
     import jax_ep
-    from bench.bench_ep import SHAPES, make_inputs, span, timed
-    from tests import cuda_checks, harness
+    from bench.common import SHAPES, make_inputs, span, timed
+    from jax_ep import per_rank
 
     devices = jax.devices()
     mesh = Mesh(np.array(devices), ("expert",))
@@ -180,15 +180,15 @@ def main(argv=None) -> int:
         t, h, k, e = SHAPES[name]
         t = args.tokens or t
         host_sets = make_inputs(np.random.default_rng(0), n, t, h, k, e, sets=args.reps)
-        sets = [tuple(cuda_checks.to_global(a, mesh) for a in s) for s in host_sets]
+        sets = [tuple(per_rank.to_global(a, mesh) for a in s) for s in host_sets]
         logical, wire = routing_bytes(host_sets[0][1], e // n, h * 2)
         row = dict(shape=name, N=n, T=t, H=h, k=k, E=e, logical_bytes=logical, wire_bytes=wire)
         cfg = jax_ep.EPConfig(num_experts=e, top_k=k, max_tokens=t, hidden_size=h,
                               num_sms=args.num_sms)
         with jax_ep.EPGroup(mesh, "expert", cfg, backend=args.backend) as group:
-            dispatch = harness.per_rank(mesh, lambda x, i, w: (
+            dispatch = per_rank.program(mesh, lambda x, i, w: (
                 lambda d: (d.x, d.weights, d.handle))(jax_ep.dispatch(group, x, i, w)))
-            combine = harness.per_rank(
+            combine = per_rank.program(
                 mesh, lambda r, rw, hd: jax_ep.combine(group, r, hd, weights=rw))
             row["jax_ep_dispatch_s"] = timed(dispatch, sets, args.reps, args.trials)
             row["jax_ep_dispatch_span_s"] = span(dispatch, sets, args.reps)
@@ -201,13 +201,13 @@ def main(argv=None) -> int:
         pipelines = ["xla_a2a"] + ([] if args.cpu else ["xla_ragged"])
         for label in pipelines:
             d_fn, c_fn = xla_pipelines(mesh, t, k, e, ragged=label == "xla_ragged")
-            d_prog = harness.per_rank(mesh, d_fn)
-            check_baseline(label, d_prog, harness.per_rank(mesh, c_fn), sets[0], reference,
+            d_prog = per_rank.program(mesh, d_fn)
+            check_baseline(label, d_prog, per_rank.program(mesh, c_fn), sets[0], reference,
                            reference_out)
             row[f"{label}_dispatch_s"] = timed(d_prog, sets, args.reps, args.trials)
             row[f"{label}_dispatch_span_s"] = span(d_prog, sets, args.reps)
             outs = [d_prog(*s) for s in sets]
-            c_prog = harness.per_rank(mesh, lambda r, w, st: c_fn(r, w, st))
+            c_prog = per_rank.program(mesh, lambda r, w, st: c_fn(r, w, st))
             c_sets = [(o[0], s[2], o[1]) for o, s in zip(outs, sets)]
             row[f"{label}_combine_s"] = timed(c_prog, c_sets, args.reps, args.trials)
             row[f"{label}_combine_span_s"] = span(c_prog, c_sets, args.reps)

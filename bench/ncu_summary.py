@@ -20,7 +20,7 @@ from collections import defaultdict
 
 # Dispatch's kernels (normal and padded layouts); a name must not merely end in one of these
 # (CombineSendKernel is combine's).
-DISPATCH_KERNELS = re.compile(r"(?<![A-Za-z])(LayoutChunksKernel|DispatchNotifyKernel|SendKernel|"
+DISPATCH_KERNELS = re.compile(r"(?<![A-Za-z])(RoutingChunksKernel|RoutingNotifyKernel|SendKernel|"
                               r"FinalizeKernel|DispatchSendKernel|DispatchRecvKernel)\b")
 
 

@@ -28,20 +28,20 @@ def main() -> int:
     from jax.sharding import Mesh
 
     import jax_ep
-    from bench.bench_ep import SHAPES, make_inputs
-    from tests import cuda_checks, harness
+    from bench.common import SHAPES, make_inputs
+    from jax_ep import per_rank
 
     t, h, k, e = SHAPES[args.shape]
     mesh = Mesh(np.array(jax.devices()[:1]), ("expert",))
     cfg = jax_ep.EPConfig(num_experts=e, top_k=k, max_tokens=t, hidden_size=h,
-                          num_sms=args.num_sms, low_latency=args.layout == "padded",
+                          num_sms=args.num_sms, padded_layout=args.layout == "padded",
                           padded_zero_fill=bool(args.zero_fill))
     group = jax_ep.EPGroup(mesh, "expert", cfg)
-    sets = [tuple(cuda_checks.to_global(a, mesh) for a in s)
+    sets = [tuple(per_rank.to_global(a, mesh) for a in s)
             for s in make_inputs(np.random.default_rng(0), 1, t, h, k, e, sets=2)]
-    dispatch = harness.per_rank(mesh, lambda x, i, w: (
+    dispatch = per_rank.program(mesh, lambda x, i, w: (
         lambda d: (d.x, d.weights, d.handle))(jax_ep.dispatch(group, x, i, w, layout=args.layout)))
-    combine = harness.per_rank(mesh, lambda r, rw, hd: jax_ep.combine(group, r, hd, weights=rw))
+    combine = per_rank.program(mesh, lambda r, rw, hd: jax_ep.combine(group, r, hd, weights=rw))
     for s in sets:
         jax.block_until_ready(combine(*dispatch(*s)))
     try:

@@ -1,4 +1,4 @@
-"""Where the wall-clock time of bench_ep's timed program goes: a JAX profiler (CUPTI) trace of
+"""Where the wall-clock time of bench.common.timed's program goes: a JAX profiler (CUPTI) trace of
 one run of the `reps`-call program at world size 1, listed per device event with the gap before
 it, and summed per kernel name.
 
@@ -9,7 +9,7 @@ With --world N, N processes share the GPU (jax.distributed on 127.0.0.1, under M
 and rank 0's timeline is listed: a kernel that waits for its peers shows the wait in its
 duration.
 
-The program is bench_ep.timed's: `reps` calls on distinct input sets in one jitted program that
+The program is bench.common.timed's: `reps` calls on distinct input sets in one jitted program that
 returns every output. Device time = sum of the events' durations; the rest of the span between
 the first event's start and the last event's end is gaps.
 """
@@ -18,70 +18,19 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
-import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def device_events(trace_dir: str):
-    """[(name, start_ns, duration_ns, line name)] of the GPU planes of the trace in trace_dir."""
-    from jax.profiler import ProfileData
-
-    paths = glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)
-    if not paths:
-        raise SystemExit(f"no xplane.pb under {trace_dir}")
-    data = ProfileData.from_file(paths[0])
-    out = []
-    for plane in data.planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            for ev in line.events:
-                out.append((ev.name, ev.start_ns, ev.duration_ns, line.name))
-    return sorted(out, key=lambda e: e[1])
-
-
-def steady_span_s(program, args, reps: int, runs: int = 2, before_run=None,
-                  pause_s: float = 0.005):
-    """Seconds per call on the GPU timeline of `program(*args)`, which makes `reps` calls: the
-    last of `runs` traced runs (a pause of pause_s before each marks them apart), from its first
-    device event's start to its last one's end, divided by reps. It leaves out what the host
-    spends launching the program (JAX's per-program cost, which grows with the number of
-    arguments and outputs and is paid before the first kernel); None without device events."""
-    import jax
-
-    trace_dir = tempfile.mkdtemp()
-    try:
-        with jax.profiler.trace(trace_dir):
-            for _ in range(runs):
-                time.sleep(pause_s)
-                if before_run:
-                    before_run()
-                jax.block_until_ready(program(*args))
-        events = device_events(trace_dir)
-    finally:
-        shutil.rmtree(trace_dir, ignore_errors=True)
-    if not events:
-        return None
-    start = events[0][1]
-    end = start + events[0][2]
-    for _, s, d, _ in events[1:]:
-        if s - end > pause_s * 1e9 / 2:  # the pause before the next run
-            start = s
-        end = max(end, s + d)
-    return (end - start) / 1e9 / reps
+from bench.common import device_events  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--shape", default="deepseek_v3")
     p.add_argument("--op", choices=["dispatch", "combine", "round", "copy"], default="dispatch",
-                   help="round: dispatch then weighted combine; copy: bench_ep's copy-ceiling "
+                   help="round: dispatch then weighted combine; copy: bench.common's copy-ceiling "
                         "chain, a control with no jax_ep kernel")
     p.add_argument("--num-sms", type=int, default=132)
     p.add_argument("--reps", type=int, default=4)
@@ -102,26 +51,26 @@ def main() -> int:
     from jax.sharding import Mesh
 
     import jax_ep
-    from bench.bench_ep import SHAPES, make_inputs, sync_processes
-    from tests import cuda_checks, harness
+    from bench.common import SHAPES, make_inputs, sync_processes
+    from jax_ep import per_rank
 
     t, h, k, e = SHAPES[args.shape]
     mesh = Mesh(np.array(jax.devices()[:args.world]), ("expert",))
     cfg = jax_ep.EPConfig(num_experts=e, top_k=k, max_tokens=t, hidden_size=h,
                           num_sms=args.num_sms)
     group = jax_ep.EPGroup(mesh, "expert", cfg)
-    sets = [tuple(cuda_checks.to_global(a, mesh) for a in s)
+    sets = [tuple(per_rank.to_global(a, mesh) for a in s)
             for s in make_inputs(np.random.default_rng(0), args.world, t, h, k, e,
                                  sets=args.reps)]
-    dispatch = harness.per_rank(mesh, lambda x, i, w: (
+    dispatch = per_rank.program(mesh, lambda x, i, w: (
         lambda d: (d.x, d.weights, d.handle))(jax_ep.dispatch(group, x, i, w)))
-    combine = harness.per_rank(mesh, lambda r, rw, hd: jax_ep.combine(group, r, hd, weights=rw))
+    combine = per_rank.program(mesh, lambda r, rw, hd: jax_ep.combine(group, r, hd, weights=rw))
     fn = dispatch
     if args.op == "combine":
         sets = [dispatch(*s) for s in sets]
         fn = combine
     if args.op == "round":
-        fn = harness.per_rank(mesh, lambda x, i, w: (lambda d: jax_ep.combine(
+        fn = per_rank.program(mesh, lambda x, i, w: (lambda d: jax_ep.combine(
             group, d.x, d.handle, weights=d.weights))(jax_ep.dispatch(group, x, i, w)))
     program = jax.jit(lambda *ss: [fn(*s) for s in ss])
     if args.op == "copy":
@@ -175,9 +124,9 @@ def main() -> int:
 
 def launch_world(args) -> int:
     """Starts args.world ranks of this script sharing the GPU; prints rank 0's report."""
-    from bench import run_world
+    from bench import common
 
-    return run_world.launch("bench.trace_ops", args.world, sys.argv[1:], timeout_s=300,
+    return common.launch("bench.trace_ops", args.world, sys.argv[1:], timeout_s=300,
                             tail=12000)
 
 

@@ -8,12 +8,12 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "cuda/api.h"
 #include "cuda/device_utils.cuh"
-#include "cuda/ep_kernels.h"
-#include "cuda/layout_kernels.cuh"
 #include "cuda/vec16.cuh"
 
 namespace jax_ep {
+namespace normal {
 namespace {
 
 constexpr int kThreads = 1024;
@@ -50,7 +50,7 @@ __device__ __forceinline__ void StoreSum(int4* out_row, int v, const float* acc)
 
 __global__ void __launch_bounds__(kThreads) PushKernel(CombineParams p) {
   const CommEnv& env = p.env;
-  const CommLayout& L = env.layout;
+  const BufferMap& L = env.map;
   if (Poisoned(env)) return;
   const int lane = Lane();
   const int vecs = static_cast<int>(p.shape.row_bytes / 16);
@@ -96,7 +96,7 @@ template <typename T, int kGroup, int kPerLane, bool kOutF32>
 __global__ void __launch_bounds__(ReduceThreads(kPerLane)) ReduceKernel(CombineParams p) {
   using V = Vec16F32<T>;
   const CommEnv& env = p.env;
-  const CommLayout& L = env.layout;
+  const BufferMap& L = env.map;
   SignalArea* me = Signal(env, env.rank);
   if (!BlockWaitPeers(env, me->data_done, CurrentSeq(env), kPhaseCombineData)) return;
   const int lane = Lane();
@@ -151,15 +151,13 @@ __global__ void __launch_bounds__(ReduceThreads(kPerLane)) ReduceKernel(CombineP
   }
 }
 
-int Blocks(const CallShape& s) { return s.num_blocks > 0 ? s.num_blocks : 1; }
-
 template <typename T, bool kOutF32>
 cudaError_t LaunchReduce(const CombineParams& p, cudaStream_t stream) {
   const int k = p.shape.top_k;
   if (k > 2) {
-    ReduceKernel<T, 4, 2, kOutF32><<<Blocks(p.shape), ReduceThreads(2), 0, stream>>>(p);
+    ReduceKernel<T, 4, 2, kOutF32><<<p.shape.num_sms, ReduceThreads(2), 0, stream>>>(p);
   } else {
-    ReduceKernel<T, 2, 4, kOutF32><<<Blocks(p.shape), ReduceThreads(4), 0, stream>>>(p);
+    ReduceKernel<T, 2, 4, kOutF32><<<p.shape.num_sms, ReduceThreads(4), 0, stream>>>(p);
   }
   return cudaGetLastError();
 }
@@ -172,8 +170,8 @@ cudaError_t LaunchCombine(const CombineArgs& a, cudaStream_t stream) {
                   a.slot_values};
   cudaError_t err;
   if (a.env.num_ranks > 1) {  // with no peer there is nothing to push and no one to wait for
-    if ((err = LaunchBarrier(a.env, stream)) != cudaSuccess) return err;
-    PushKernel<<<Blocks(a.shape), kThreads, 0, stream>>>(p);
+    if ((err = barrier::LaunchBarrier(a.env, stream)) != cudaSuccess) return err;
+    PushKernel<<<a.shape.num_sms, kThreads, 0, stream>>>(p);
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
   // float32 rows give float32 sums already; only 16-bit rows have a second (f32) output kind.
@@ -189,4 +187,5 @@ cudaError_t LaunchCombine(const CombineArgs& a, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
+}  // namespace normal
 }  // namespace jax_ep

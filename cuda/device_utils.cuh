@@ -6,7 +6,7 @@
 
 #include <cstdint>
 
-#include "cuda/comm_layout.h"
+#include "cuda/buffer_map.h"
 
 namespace jax_ep {
 
@@ -18,7 +18,7 @@ __device__ __forceinline__ T* At(const CommEnv& env, int r, size_t offset) {
 }
 
 __device__ __forceinline__ SignalArea* Signal(const CommEnv& env, int r) {
-  return At<SignalArea>(env, r, env.layout.signal);
+  return At<SignalArea>(env, r, env.map.signal);
 }
 
 __device__ __forceinline__ unsigned long long GlobalTimerNs() {

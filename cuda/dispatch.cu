@@ -7,11 +7,11 @@
 // d can expand it. Per-row metadata (weight, source slot) goes with it.
 // Finalize ((row, piece) items over every warp, after every peer's data_done flag): copies staged
 // rows into XLA's output, and zero-fills the rows past num_recv.
+#include "cuda/api.h"
 #include "cuda/device_utils.cuh"
-#include "cuda/ep_kernels.h"
-#include "cuda/layout_kernels.cuh"
 
 namespace jax_ep {
+namespace normal {
 namespace {
 
 constexpr int kThreads = 1024;
@@ -57,7 +57,7 @@ template <bool kDispatch>
 __global__ void __launch_bounds__(kThreads) SendKernel(SendParams p) {
   const CommEnv& env = p.env;
   const CallShape& s = p.shape;
-  const CommLayout& L = env.layout;
+  const BufferMap& L = env.map;
   if (Poisoned(env)) return;
   const int lane = Lane();
   const int k = s.top_k;
@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kThreads) SendKernel(SendParams p) {
   const int32_t* dest_base = At<int32_t>(env, env.rank, L.dest_base);
   const int32_t* chunk_base = At<int32_t>(env, env.rank, L.chunk_base);
   const int32_t* local_rank = At<int32_t>(env, env.rank, L.local_rank);
-  const int chunks = (slots + kLayoutChunk - 1) / kLayoutChunk;
+  const int chunks = (slots + kRoutingChunk - 1) / kRoutingChunk;
 
   // Work item = (token, piece of its row); piece 0 also writes the routing metadata.
   for (int item = GlobalWarp(); item < s.tokens * pieces; item += NumWarps()) {
@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kThreads) SendKernel(SendParams p) {
         const int e = p.topk_idx[f];
         if (e >= 0 && e < s.num_experts) {
           const long long r = static_cast<long long>(dest_base[e]) +
-                              chunk_base[static_cast<size_t>(e) * chunks + f / kLayoutChunk] +
+                              chunk_base[static_cast<size_t>(e) * chunks + f / kRoutingChunk] +
                               local_rank[f];
           if (r < s.capacity) {
             d = e / s.experts_local;
@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(kThreads) SendKernel(SendParams p) {
 
 __global__ void __launch_bounds__(kThreads) FinalizeKernel(FinalizeParams p) {
   const CommEnv& env = p.env;
-  const CommLayout& L = env.layout;
+  const BufferMap& L = env.map;
   SignalArea* me = Signal(env, env.rank);
   if (!BlockWaitPeers(env, me->data_done, CurrentSeq(env), kPhaseDispatchData)) return;
   const int lane = Lane();
@@ -195,24 +195,22 @@ __global__ void __launch_bounds__(kThreads) FinalizeKernel(FinalizeParams p) {
   ZeroTail(p.num_recv, capacity, vecs, p.out_x, p.out_values, p.out_row_src);
 }
 
-int Blocks(const CallShape& s) { return s.num_blocks > 0 ? s.num_blocks : 1; }
-
 }  // namespace
 
 cudaError_t LaunchDispatch(const DispatchArgs& a, cudaStream_t stream) {
   const CallShape& s = a.shape;
-  cudaError_t err = LaunchLayoutAndNotify(a.env, a.topk_idx, s.tokens, s.top_k, s.num_experts,
-                                          s.experts_local, s.capacity, a.group_sizes,
-                                          a.num_dropped, a.num_recv, a.num_invalid, stream);
+  cudaError_t err = routing::LaunchRoutingAndNotify(a.env, s, a.topk_idx, a.group_sizes,
+                                                    a.num_dropped, a.num_recv, a.num_invalid,
+                                                    stream);
   if (err != cudaSuccess) return err;
   SendParams sp{a.env, s, static_cast<const int4*>(a.x), a.topk_weights, a.topk_idx,
                 a.dest_rank, a.dest_row, static_cast<int4*>(a.out_x), a.out_weights, a.row_src,
                 a.num_recv};
-  SendKernel<true><<<Blocks(s), kThreads, 0, stream>>>(sp);
+  SendKernel<true><<<s.num_sms, kThreads, 0, stream>>>(sp);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   if (a.env.num_ranks == 1) return cudaSuccess;  // the send pass wrote every row
   FinalizeParams fp{a.env, s, a.num_recv, static_cast<int4*>(a.out_x), a.out_weights, a.row_src};
-  FinalizeKernel<<<Blocks(s), kThreads, 0, stream>>>(fp);
+  FinalizeKernel<<<s.num_sms, kThreads, 0, stream>>>(fp);
   return cudaGetLastError();
 }
 
@@ -220,17 +218,20 @@ cudaError_t LaunchRedispatch(const RedispatchArgs& a, cudaStream_t stream) {
   const CallShape& s = a.shape;
   cudaError_t err;
   // Alone there is no peer whose staging must be free first, and nothing to finalize.
-  if (a.env.num_ranks > 1 && (err = LaunchBarrier(a.env, stream)) != cudaSuccess) return err;
+  if (a.env.num_ranks > 1 && (err = barrier::LaunchBarrier(a.env, stream)) != cudaSuccess) {
+    return err;
+  }
   SendParams sp{a.env, s, static_cast<const int4*>(a.x), a.slot_values, nullptr,
                 const_cast<int32_t*>(a.dest_rank), const_cast<int32_t*>(a.dest_row),
                 static_cast<int4*>(a.out_x), a.out_values, a.out_row_src, a.num_recv};
-  SendKernel<false><<<Blocks(s), kThreads, 0, stream>>>(sp);
+  SendKernel<false><<<s.num_sms, kThreads, 0, stream>>>(sp);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
   if (a.env.num_ranks == 1) return cudaSuccess;
   FinalizeParams fp{a.env, s, a.num_recv, static_cast<int4*>(a.out_x), a.out_values,
                     a.out_row_src};
-  FinalizeKernel<<<Blocks(s), kThreads, 0, stream>>>(fp);
+  FinalizeKernel<<<s.num_sms, kThreads, 0, stream>>>(fp);
   return cudaGetLastError();
 }
 
+}  // namespace normal
 }  // namespace jax_ep

@@ -13,8 +13,7 @@
 #include <utility>
 #include <vector>
 
-#include "cuda/ep_kernels.h"
-#include "cuda/layout_kernels.cuh"
+#include "cuda/api.h"
 
 namespace nb = nanobind;
 
@@ -82,7 +81,8 @@ void FreeContext(Context& ctx) {
 
 void CreateContext(int64_t group_id, int device, int rank, int num_ranks, int num_experts,
                    int top_k, int max_tokens, int64_t max_capacity, int64_t max_row_bytes,
-                   int num_blocks, double timeout_s, int ll_max_tokens, int ll_scale_cols, bool ll_zero_fill) {
+                   double timeout_s, int padded_max_tokens, int padded_scale_cols,
+                   bool padded_zero_fill) {
   if (num_ranks < 1 || num_ranks > kMaxRanks) {
     throw std::invalid_argument("jax_ep: the cuda backend supports 1 to " +
                                 std::to_string(kMaxRanks) + " ranks per group");
@@ -96,32 +96,32 @@ void CreateContext(int64_t group_id, int device, int rank, int num_ranks, int nu
   ctx->device = device;
   ctx->rank = rank;
   ctx->num_ranks = num_ranks;
-  ctx->limits = CommLimits{num_ranks, num_experts, top_k, max_tokens, max_capacity, max_row_bytes};
-  ctx->limits.ll_max_tokens = ll_max_tokens;
-  ctx->limits.ll_scale_cols = ll_scale_cols;
-  ctx->limits.ll_zero_fill = ll_zero_fill;
-  ctx->layout = ComputeCommLayout(ctx->limits);
-  ctx->num_blocks = num_blocks;
+  ctx->limits = BufferLimits{num_ranks, num_experts, top_k, max_tokens, max_capacity,
+                             max_row_bytes, padded_max_tokens, padded_scale_cols,
+                             padded_zero_fill};
+  ctx->buffer_map = ComputeBufferMap(ctx->limits);
   ctx->timeout_ns = static_cast<unsigned long long>(timeout_s * 1e9);
   {
     DeviceGuard guard(device);
     int optin = 0;
     Check(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
           "cudaDeviceGetAttribute");
-    if (LayoutSmemBytes(num_experts) > static_cast<size_t>(optin)) {
+    const size_t smem = routing::RoutingSmemBytes(num_experts);
+    if (smem > static_cast<size_t>(optin)) {
       throw std::invalid_argument(
-          "jax_ep: the layout pass for " + std::to_string(num_experts) + " experts needs " +
-          std::to_string(LayoutSmemBytes(num_experts)) + " bytes of shared memory per block; GPU " +
+          "jax_ep: the routing pass for " + std::to_string(num_experts) + " experts needs " +
+          std::to_string(smem) + " bytes of shared memory per block; GPU " +
           std::to_string(device) + " allows " + std::to_string(optin) + ". Use fewer experts");
     }
-    Check(PrepareLayoutKernels(), "configuring the layout kernels");
-    Check(cudaMalloc(&ctx->buffer, ctx->layout.total_bytes), "cudaMalloc of the EP buffer");
-    Check(cudaMemset(ctx->buffer, 0, ctx->layout.total_bytes), "cudaMemset of the EP buffer");
+    Check(routing::PrepareRoutingKernels(), "configuring the routing kernels");
+    Check(cudaMalloc(&ctx->buffer, ctx->buffer_map.total_bytes), "cudaMalloc of the EP buffer");
+    Check(cudaMemset(ctx->buffer, 0, ctx->buffer_map.total_bytes), "cudaMemset of the EP buffer");
     Check(cudaHostAlloc(reinterpret_cast<void**>(&ctx->error_host), sizeof(ErrorRecord),
                         cudaHostAllocMapped | cudaHostAllocPortable),
           "cudaHostAlloc of the error record");
     *ctx->error_host = ErrorRecord{};
-    Check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&ctx->error_device), ctx->error_host, 0),
+    Check(cudaHostGetDevicePointer(reinterpret_cast<void**>(&ctx->error_device), ctx->error_host,
+                                   0),
           "cudaHostGetDevicePointer");
     Check(cudaDeviceSynchronize(), "initialising the EP buffer");
   }
@@ -216,7 +216,9 @@ std::string GroupError(int64_t group_id) {
   return "";
 }
 
-size_t BufferBytes(int64_t group_id, int device) { return Get(group_id, device).layout.total_bytes; }
+size_t BufferBytes(int64_t group_id, int device) {
+  return Get(group_id, device).buffer_map.total_bytes;
+}
 
 // (free, total) bytes of `device` as the driver sees them: what the EP buffers (plain cudaMalloc,
 // outside XLA's pool) take and give back shows here.
@@ -234,7 +236,7 @@ CommEnv Context::Env() const {
   env.rank = rank;
   env.num_ranks = num_ranks;
   for (int r = 0; r < kMaxRanks; ++r) env.base[r] = peer_base[r];
-  env.layout = layout;
+  env.map = buffer_map;
   env.error = error_device;
   env.timeout_ns = timeout_ns;
   return env;
@@ -264,10 +266,11 @@ std::string ErrorMessage(const Context& ctx) {
 void BindGroupState(nb::module_& m) {
   m.def("create_context", &CreateContext, nb::arg("group_id"), nb::arg("device"), nb::arg("rank"),
         nb::arg("num_ranks"), nb::arg("num_experts"), nb::arg("top_k"), nb::arg("max_tokens"),
-        nb::arg("max_capacity"), nb::arg("max_row_bytes"), nb::arg("num_blocks"),
-        nb::arg("timeout_s"), nb::arg("ll_max_tokens") = 0, nb::arg("ll_scale_cols") = 0, nb::arg("ll_zero_fill") = true,
+        nb::arg("max_capacity"), nb::arg("max_row_bytes"), nb::arg("timeout_s"),
+        nb::arg("padded_max_tokens") = 0, nb::arg("padded_scale_cols") = 0,
+        nb::arg("padded_zero_fill") = true,
         "Allocates one rank's communication buffer on `device` (with the padded-layout "
-        "regions when ll_max_tokens > 0).");
+        "regions when padded_max_tokens > 0).");
   m.def("ipc_handle", &IpcHandle, "The CUDA IPC handle of a context's buffer (bytes).");
   m.def("connect_local_peer", &ConnectLocalPeer,
         "Maps a peer rank of this process (peer access between the two GPUs).");

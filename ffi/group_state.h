@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <string>
 
-#include "cuda/comm_layout.h"
+#include "cuda/buffer_map.h"
 
 namespace jax_ep {
 
@@ -17,9 +17,8 @@ struct Context {
   int device = 0;
   int rank = 0;
   int num_ranks = 0;
-  CommLimits limits{};
-  CommLayout layout{};
-  int num_blocks = 0;
+  BufferLimits limits{};
+  BufferMap buffer_map{};
   unsigned long long timeout_ns = 0;
   char* buffer = nullptr;               // this rank's communication buffer (cudaMalloc)
   ErrorRecord* error_host = nullptr;    // pinned, mapped: written by the device on timeout

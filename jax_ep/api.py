@@ -14,31 +14,29 @@ the group's padded-layout operations instead of its backend.
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import io_callback
 
 from jax_ep import fp8, validation
-from jax_ep import layout as layout_math
-from jax_ep.backends.padded import padded_ops
-from jax_ep.config import Sizes
+from jax_ep import routing
+from jax_ep.config import CallShape
+from jax_ep.errors import InvalidExpertIdError
 from jax_ep.group import EPGroup
 from jax_ep.types import Dispatched, Handle, PaddedHandle
 
 _f32 = jnp.float32
 
 
-def _ops(group: EPGroup, routing) -> object:
-    """The operations for a routing: a PaddedHandle (or layout "padded") or the normal layout."""
-    if isinstance(routing, PaddedHandle) or routing == "padded":
-        return padded_ops(group)
-    return group.backend
+def _ops(group: EPGroup, handle) -> object:
+    """The group's operations for the layout a handle belongs to (decided at group creation)."""
+    return group.ops["padded" if isinstance(handle, PaddedHandle) else "normal"]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _redispatch_lin(group: EPGroup, sizes: Sizes, x, slot_values, handle: Handle):
+def _redispatch_lin(group: EPGroup, sizes: CallShape, x, slot_values, handle: Handle):
     return _ops(group, handle).redispatch(x, slot_values, handle, sizes)
 
 
@@ -56,7 +54,7 @@ _redispatch_lin.defvjp(_redispatch_fwd, _redispatch_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _combine_lin(group: EPGroup, sizes: Sizes, rows, row_values, handle: Handle):
+def _combine_lin(group: EPGroup, sizes: CallShape, rows, row_values, handle: Handle):
     return _ops(group, handle).combine(rows, None, row_values, handle, sizes)
 
 
@@ -74,7 +72,7 @@ _combine_lin.defvjp(_combine_fwd, _combine_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _combine_weighted(group: EPGroup, sizes: Sizes, rows, weights, handle: Handle):
+def _combine_weighted(group: EPGroup, sizes: CallShape, rows, weights, handle: Handle):
     return _ops(group, handle).combine(rows, weights, None, handle, sizes)[0]
 
 
@@ -96,28 +94,27 @@ def _combine_weighted_bwd(group, sizes, residuals, ct_out):
 _combine_weighted.defvjp(_combine_weighted_fwd, _combine_weighted_bwd)
 
 
-def _backend_dispatch(group: EPGroup, sizes: Sizes, layout_name: str, x, topk_idx,
+def _backend_dispatch(group: EPGroup, sizes: CallShape, layout_name: str, x, topk_idx,
                       topk_weights, x_scales):
     """-> (rows, row_weights, group_sizes, num_dropped, handle, scales | None, num_invalid).
 
     The normal layout's backends count the invalid ids themselves (the cuda kernels while they
     read the ids anyway, so the count costs no kernel of its own)."""
     if layout_name == "padded":
-        return padded_ops(group).dispatch(x, topk_idx, topk_weights, sizes, x_scales) + (
-            layout_math.count_invalid(topk_idx, sizes.num_experts),)
-    rows, row_weights, group_sizes, num_dropped, handle, num_invalid = group.backend.dispatch(
+        return group.ops["padded"].dispatch(x, topk_idx, topk_weights, sizes, x_scales) + (
+            routing.count_invalid(topk_idx, sizes.num_experts),)
+    normal = group.ops["normal"]
+    rows, row_weights, group_sizes, num_dropped, handle, num_invalid = normal.dispatch(
         x, topk_idx, topk_weights, sizes)
     scales = None
     if x_scales is not None:
-        # A second payload along the routing just made (rows of whole 16-byte vectors).
-        cols = x_scales.shape[1]
-        scales = group.backend.redispatch(fp8.pad_scale_cols(x_scales), None, handle,
-                                          sizes)[0][:, :cols]
+        # A second payload along the routing just made.
+        scales = normal.redispatch(x_scales, None, handle, sizes)[0]
     return rows, row_weights, group_sizes, num_dropped, handle, scales, num_invalid
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _dispatch(group: EPGroup, sizes: Sizes, layout_name: str, x, topk_idx, topk_weights,
+def _dispatch(group: EPGroup, sizes: CallShape, layout_name: str, x, topk_idx, topk_weights,
               x_scales):
     return _backend_dispatch(group, sizes, layout_name, x, topk_idx, topk_weights, x_scales)
 
@@ -143,31 +140,81 @@ def _dispatch_bwd(group, sizes, layout_name, residuals, cts):
 _dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
 
 
-def _raise_invalid_ids(num_invalid, first_bad, *, num_experts: int) -> None:
-    """Host side of EPConfig.debug: num_invalid and first_bad hold one entry per rank."""
-    bad_ranks = np.flatnonzero(np.asarray(num_invalid))
-    if bad_ranks.size:
-        r = int(bad_ranks[0])
-        raise ValueError(
-            f"jax_ep.dispatch: topk_idx holds expert ids outside [-1, {num_experts}): "
-            f"{int(np.sum(num_invalid))} in all, e.g. {int(first_bad[r])} on rank {r}; valid ids "
-            f"are -1 (unrouted) and 0..{num_experts - 1} (EPConfig.debug=True raised this; "
-            f"without it they count as -1)")
+def _raise_invalid_ids(rank, per_rank, *, num_experts: int, top_k: int, axis_name: str,
+                       reporter: int) -> np.ndarray:
+    """Host side of EPConfig.debug, on every rank of the EP axis; returns 0 if all ids are valid.
+
+    Args:
+      rank: [] this rank's index along the axis.
+      per_rank: [N, 3] int32, the same on every rank: (invalid ids, flat slot t * k + j of the
+        first, its id) of each rank.
+      reporter: the rank whose error is logged in this process; the others raise too, as echoes.
+    """
+    counts, first_slot, first_id = np.asarray(per_rank).T
+    bad_ranks = np.flatnonzero(counts)
+    if not bad_ranks.size:
+        return np.zeros((), np.int32)
+    r = int(bad_ranks[0])
+    t, j = divmod(int(first_slot[r]), top_k)
+    ranks = str(bad_ranks[:8].tolist())[:-1] + (", ...]" if bad_ranks.size > 8 else "]")
+    err = InvalidExpertIdError(
+        f"jax_ep.dispatch: topk_idx holds expert ids outside [-1, {num_experts}): "
+        f"{int(counts.sum())} in all, on ranks {ranks} of axis {axis_name!r}; the "
+        f"first: topk_idx[{t}, {j}] = {int(first_id[r])} on rank {r} (token {t}, slot {j}). "
+        f"Valid ids are -1 (unrouted) and 0..{num_experts - 1}. EPConfig(debug=True) raised "
+        f"this; without it they count in Dispatched.num_invalid and act as -1")
+    # Every rank raises: one that carried on would wait forever in dispatch's collectives for
+    # those that stopped. Only the reporter's traceback is logged (see _DropEchoes).
+    err.echo = int(rank) != reporter
+    raise err
 
 
-def _check_ids_on_host(group: EPGroup, topk_idx, num_invalid) -> None:
-    """EPConfig.debug: every rank gathers the counts and raises together, so no rank is left
-    waiting in a collective for one that failed."""
-    num_experts = group.config.num_experts
-    bad = ((topk_idx < -1) | (topk_idx >= num_experts)).reshape(-1)
-    first_bad = topk_idx.reshape(-1)[jnp.argmax(bad)] if bad.shape[0] else jnp.int32(0)
-    io_callback(functools.partial(_raise_invalid_ids, num_experts=num_experts), None,
-                jax.lax.all_gather(num_invalid, group.axis_name),
-                jax.lax.all_gather(first_bad, group.axis_name))
+class _DropEchoes(logging.Filter):
+    """JAX logs the traceback of every failing callback: keep one per process."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, InvalidExpertIdError) and exc.echo)
+
+
+# By name: a filter on a logger JAX renames does nothing (more tracebacks), breaks nothing.
+logging.getLogger("jax._src.callback").addFilter(_DropEchoes())
+
+
+def _reporting_rank(group: EPGroup) -> int:
+    """The lowest rank along the EP axis whose device this process drives."""
+    axis = group.mesh.axis_names.index(group.axis_name)
+    me = jax.process_index()
+    return min(idx[axis] for idx, dev in np.ndenumerate(group.mesh.devices)
+               if dev.process_index == me)
+
+
+def _checked_ids(group: EPGroup, topk_idx: jax.Array) -> jax.Array:
+    """EPConfig.debug: topk_idx [T, k] unchanged, but only once a host check of every rank's ids
+    passed; it raises InvalidExpertIdError on every rank otherwise.
+
+    A pure_callback carries no effect, so it is allowed under jax.checkpoint (an io_callback's
+    IOEffect is not), and making dispatch consume its result orders every collective of
+    dispatch (and of its VJP) after the check: all ranks stop there, none waits in a collective
+    for a rank that stopped. Its inputs are integers, so it needs no JVP rule.
+    """
+    num_experts, top_k = group.config.num_experts, group.config.top_k
+    flat = topk_idx.reshape(-1)
+    bad = (flat < -1) | (flat >= num_experts)
+    first = jnp.argmax(bad).astype(jnp.int32) if flat.shape[0] else jnp.int32(0)
+    first_id = flat[first] if flat.shape[0] else jnp.int32(0)
+    mine = jnp.stack([jnp.sum(bad, dtype=jnp.int32), first, first_id])
+    zero = jax.pure_callback(
+        functools.partial(_raise_invalid_ids, num_experts=num_experts, top_k=top_k,
+                          axis_name=group.axis_name, reporter=_reporting_rank(group)),
+        jax.ShapeDtypeStruct((), jnp.int32), jax.lax.axis_index(group.axis_name),
+        jax.lax.all_gather(mine, group.axis_name), vmap_method="sequential")
+    return topk_idx + zero
 
 
 def dispatch(group: EPGroup, x: jax.Array, topk_idx: jax.Array, topk_weights: jax.Array,
-             layout: str = "normal", x_scales: jax.Array | None = None) -> Dispatched:
+             layout: str = "normal", x_scales: jax.Array | None = None,
+             num_sms: int | None = None) -> Dispatched:
     """Sends each token to the ranks holding its top-k experts. Call inside shard_map.
 
     Args (per rank):
@@ -177,9 +224,11 @@ def dispatch(group: EPGroup, x: jax.Array, topk_idx: jax.Array, topk_weights: ja
       topk_weights: [T, k] float32 routing weights.
       layout: "normal" (rows packed expert-major, sized by a count exchange) or "padded" (the
         static low-latency layout: one round trip, for decoding; needs
-        EPConfig(low_latency=True)).
+        EPConfig(padded_layout=True)).
       x_scales: with an fp8 x, its [T, H/128] float32 scales (jax_ep.quantize_fp8); they travel
         with the rows and come back in Dispatched.scales.
+      num_sms: thread blocks of the cuda kernels for this call (default EPConfig.num_sms); the
+        SMs left over run what overlaps it (the experts' GEMMs). Its VJP runs with the same.
 
     Returns a Dispatched. Normal layout: x [C, H] rows expert-major in (local expert, source
     rank, source token, slot) order, weights [C] f32. Padded layout: x [E_local, N * M, H] with
@@ -188,11 +237,12 @@ def dispatch(group: EPGroup, x: jax.Array, topk_idx: jax.Array, topk_weights: ja
     num_dropped [] int32, num_invalid [] int32 and the handle for combine. Differentiable in x
     (unless fp8) and topk_weights.
     """
-    sizes = validation.check_dispatch(group, x, topk_idx, topk_weights, x_scales, layout)
+    sizes = validation.check_dispatch(group, x, topk_idx, topk_weights, x_scales, layout,
+                                      num_sms)
+    if group.config.debug:
+        topk_idx = _checked_ids(group, topk_idx)
     rows, row_weights, group_sizes, num_dropped, handle, scales, num_invalid = _dispatch(
         group, sizes, layout, x, topk_idx, topk_weights, x_scales)
-    if group.config.debug:
-        _check_ids_on_host(group, topk_idx, num_invalid)
     recv_counts = handle.recv_counts if layout == "padded" else None
     return Dispatched(x=rows, weights=row_weights, group_sizes=group_sizes,
                       num_dropped=num_dropped, num_invalid=num_invalid, handle=handle,
@@ -200,7 +250,7 @@ def dispatch(group: EPGroup, x: jax.Array, topk_idx: jax.Array, topk_weights: ja
 
 
 def combine(group: EPGroup, rows: jax.Array, handle: Handle | PaddedHandle,
-            weights: jax.Array | None = None) -> jax.Array:
+            weights: jax.Array | None = None, num_sms: int | None = None) -> jax.Array:
     """Brings rows back to their source tokens and sums them. Call inside shard_map.
 
     Args (per rank):
@@ -209,14 +259,16 @@ def combine(group: EPGroup, rows: jax.Array, handle: Handle | PaddedHandle,
       handle: Dispatched.handle of that dispatch.
       weights: optional per-row float32 weights (Dispatched.weights: [C], or [E_local, N * M])
         fused into the sum.
+      num_sms: thread blocks of the cuda kernels for this call (default EPConfig.num_sms).
 
     Returns [T, H] in rows.dtype: out[t] = sum over t's delivered slots, in slot order, of
     weights[r] * rows[r] accumulated in float32. Differentiable in rows and weights.
     """
+    validation.check_handle(handle)
     if isinstance(handle, PaddedHandle):
-        sizes = validation.check_padded_combine(group, rows, handle, weights)
+        sizes = validation.check_padded_combine(group, rows, handle, weights, num_sms)
     else:
-        sizes = validation.check_combine(group, rows, handle, weights)
+        sizes = validation.check_combine(group, rows, handle, weights, num_sms)
     if weights is None:
         return _combine_lin(group, sizes, rows, None, handle)[0]
     return _combine_weighted(group, sizes, rows, weights, handle)

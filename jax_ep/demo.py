@@ -7,78 +7,238 @@ The data are sequences from a few fixed sparse Markov chains (jax_ep/nn/syntheti
 falls from ln(vocab) towards the chains' entropy, which the demo prints as the floor. The MoE
 layers (jax_ep.nn, Flax NNX by default) dispatch tokens to experts with jax_ep over the mesh's
 'expert' axis; tokens are split over ('data', 'expert'). Writes a loss curve (moe_loss.png).
+
+Several processes (one per GPU, or per host; docs/launch.md) run one program through
+jax.distributed:
+
+    python -m jax_ep.demo --coordinator HOST:PORT --num_processes 2 --process_id 0   # and 1
+    srun python -m jax_ep.demo --distributed      # SLURM / Open MPI: detected by JAX
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import time
+from typing import Sequence
 
-# Without a GPU, XLA's CPU platform emulates 8 devices so that EP has ranks to spread over. The
-# flag only affects the CPU platform and is read when the first backend starts, which has not
-# happened yet (importing jax does not start one).
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_force_host_platform_device_count=8").strip()
+import numpy as np
 
-import argparse  # noqa: E402
-import time  # noqa: E402
-from typing import Sequence  # noqa: E402
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-from jax_ep.nn.lm_config import LMConfig  # noqa: E402
-from jax_ep.nn.synthetic import TopicMarkovText  # noqa: E402
-
+from jax_ep.nn import expert_gemm  # loaded by jax_ep.nn anyway (moe_math uses it)
+from jax_ep.nn.lm_config import LMConfig
 
 DESCRIPTION = ("Trains a small MoE language model on synthetic text with expert parallelism "
-               "(jax_ep dispatch/combine) over every device; writes a loss curve.")
+               "(jax_ep dispatch/combine) over every device (of every process with "
+               "--coordinator or --distributed); prints the loss, the load-balancing aux loss "
+               "and the tokens dropped for capacity, and writes a loss curve.")
+EPILOG = ("The aux loss is the Switch-Transformer load-balancing loss E * sum_e f_e * p_e (f_e: "
+          "fraction of the routed slots that went to expert e, p_e: the router's mean "
+          "probability for e), averaged over the MoE layers: 1.0 when the load is uniform, up "
+          "to E when every token picks the same experts. --aux_coef times it is added to the "
+          "cross-entropy so the router keeps the experts evenly loaded; with --capacity_factor "
+          "an uneven load overflows the ranks' receive buffers and the overflowing slots are "
+          "dropped (counted as 'dropped'). Multi-process recipes: docs/launch.md.")
+EXPERT_GEMMS = expert_gemm.IMPLS
+BACKENDS = ("auto", "reference", "cuda", "hierarchical")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and np.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (value >= 0 and np.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jax_ep.demo", description=DESCRIPTION,
+                                epilog=EPILOG,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    run = p.add_argument_group("training")
+    run.add_argument("--steps", type=_positive_int, default=400, help="training steps")
+    run.add_argument("--batch", type=_positive_int, default=16,
+                     help="sequences per step over all devices (a multiple of the device count)")
+    run.add_argument("--lr", type=_positive_float, default=3e-3,
+                     help="peak AdamW learning rate (warmup, then cosine decay)")
+    run.add_argument("--aux_coef", type=_non_negative_float, default=0.01,
+                     help="weight of the load-balancing aux loss added to the cross-entropy "
+                          "(see below)")
+    run.add_argument("--seed", type=int, default=0,
+                     help="seed of the parameters and of the synthetic data")
+    run.add_argument("--log_every", type=_positive_int, default=10,
+                     help="print every this many steps")
+    run.add_argument("--plot", default="moe_loss.png",
+                     help="loss curve PNG written at the end ('' for none)")
+    data = p.add_argument_group("synthetic data")
+    data.add_argument("--seq_len", type=_positive_int, default=64, help="tokens per sequence")
+    data.add_argument("--vocab", type=_positive_int, default=64,
+                      help="vocabulary of the synthetic text")
+    data.add_argument("--topics", type=_positive_int, default=4,
+                      help="Markov chains the sequences are drawn from")
+    model = p.add_argument_group("model")
+    model.add_argument("--framework", choices=("flax", "equinox"), default="flax",
+                       help="the MoE layers and model: jax_ep.nn.flax (NNX) or jax_ep.nn.equinox")
+    model.add_argument("--d_model", type=_positive_int, default=64, help="hidden size H")
+    model.add_argument("--heads", type=_positive_int, default=4,
+                       help="attention heads (must divide --d_model)")
+    model.add_argument("--layers", type=_positive_int, default=2, help="transformer blocks")
+    model.add_argument("--experts", type=_positive_int, default=8,
+                       help="experts E per MoE layer (a multiple of --ep)")
+    model.add_argument("--top_k", type=_positive_int, default=2,
+                       help="experts per token (at most --experts)")
+    model.add_argument("--ffn", type=_positive_int, default=128, help="each expert's SwiGLU width F")
+    model.add_argument("--shared_ffn", type=_non_negative_int, default=0,
+                       help="width of a shared (always-on) SwiGLU expert; 0: none")
+    model.add_argument("--router", choices=("softmax", "sigmoid"), default="softmax",
+                       help="router scores: softmax over experts (Mixtral), or sigmoid with the "
+                            "top-k weights renormalised (DeepSeek-V3)")
+    model.add_argument("--capacity_factor", type=_positive_float, default=None,
+                       help="receive capacity per rank in units of T*k tokens; slots beyond it "
+                            "are dropped and reported (default: dropless)")
+    model.add_argument("--tie_embeddings", action="store_true",
+                       help="output head = embeddings^T instead of its own matrix")
+    ep = p.add_argument_group("expert parallelism")
+    ep.add_argument("--ep", type=_positive_int, default=None,
+                    help="devices on the 'expert' axis (default: all); the rest form 'data'; "
+                         "must divide the device count")
+    ep.add_argument("--backend", choices=BACKENDS, default="auto",
+                    help="jax_ep backend: auto = hierarchical when the EP axis spans several "
+                         "hosts, else cuda on GPUs (when built with it), else reference "
+                         "(python -m jax_ep.info says which and why)")
+    ep.add_argument("--expert_gemm", choices=EXPERT_GEMMS, default="auto",
+                    help="the experts' grouped-matmul implementation (docs/nn.md): auto = "
+                         "ragged off GPUs, capacity on GPUs")
+    ep.add_argument("--cpu_devices", type=_positive_int, default=8,
+                    help="CPU devices to emulate per process when there is no GPU (ignored "
+                         "when XLA_FLAGS already sets --xla_force_host_platform_device_count)")
+    mp = p.add_argument_group("several processes (jax.distributed; docs/launch.md)")
+    mp.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                    help="address of process 0's coordination service: runs under "
+                         "jax.distributed with --num_processes and --process_id")
+    mp.add_argument("--num_processes", type=_positive_int, default=None,
+                    help="processes in the job (with --coordinator)")
+    mp.add_argument("--process_id", type=_non_negative_int, default=None,
+                    help="this process's index in [0, --num_processes) (with --coordinator)")
+    mp.add_argument("--distributed", action="store_true",
+                    help="jax.distributed.initialize() with the cluster detected by JAX (SLURM "
+                         "srun, Open MPI mpirun, ...); --coordinator etc. override it")
+    return p
+
+
+def check_static_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What the flags alone must satisfy (the device-dependent checks are in check_mesh_args)."""
+    if args.d_model % args.heads:
+        p.error(f"--heads {args.heads} must divide --d_model {args.d_model}")
+    if args.top_k > args.experts:
+        p.error(f"--top_k {args.top_k} is larger than --experts {args.experts}")
+    if args.coordinator is not None:
+        host, _, port = args.coordinator.rpartition(":")
+        if not host or not port.isdigit():
+            p.error(f"--coordinator must be HOST:PORT, got {args.coordinator!r}")
+    explicit = [args.num_processes is not None, args.process_id is not None]
+    if any(explicit) and args.coordinator is None:
+        p.error("--num_processes and --process_id go with --coordinator HOST:PORT")
+    if args.coordinator is not None and not all(explicit) and not args.distributed:
+        p.error("--coordinator needs --num_processes and --process_id (or --distributed, to "
+                "let JAX detect them)")
+    if all(explicit) and args.process_id >= args.num_processes:
+        p.error(f"--process_id {args.process_id} must be below --num_processes "
+                f"{args.num_processes}")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jax_ep.demo", description=DESCRIPTION,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=int, default=400, help="training steps")
-    p.add_argument("--batch", type=int, default=16, help="sequences per step (all devices)")
-    p.add_argument("--seq_len", type=int, default=64, help="tokens per sequence")
-    p.add_argument("--vocab", type=int, default=64, help="vocabulary of the synthetic text")
-    p.add_argument("--topics", type=int, default=4, help="Markov chains in the synthetic text")
-    p.add_argument("--d_model", type=int, default=64, help="hidden size H")
-    p.add_argument("--heads", type=int, default=4, help="attention heads")
-    p.add_argument("--layers", type=int, default=2, help="transformer blocks")
-    p.add_argument("--experts", type=int, default=8, help="experts E per MoE layer")
-    p.add_argument("--top_k", type=int, default=2, help="experts per token")
-    p.add_argument("--ffn", type=int, default=128, help="each expert's SwiGLU width F")
-    p.add_argument("--shared_ffn", type=int, default=0, help="shared expert width (0: none)")
-    p.add_argument("--router", choices=("softmax", "sigmoid"), default="softmax")
-    p.add_argument("--capacity_factor", type=float, default=None,
-                   help="receive capacity per rank in units of T*k (default: dropless)")
-    p.add_argument("--aux_coef", type=float, default=0.01, help="weight of the aux loss")
-    p.add_argument("--tie_embeddings", action="store_true", help="output head = embeddings^T")
-    p.add_argument("--ep", type=int, default=None,
-                   help="devices on the 'expert' axis (default: all); the rest form 'data'")
-    p.add_argument("--backend", choices=("auto", "reference", "cuda"), default="auto",
-                   help="jax_ep backend; auto = cuda on GPUs, reference elsewhere")
-    p.add_argument("--framework", choices=("flax", "equinox"), default="flax")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log_every", type=int, default=10, help="print every this many steps")
-    p.add_argument("--plot", default="moe_loss.png", help="loss curve PNG ('' for none)")
-    return p.parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    check_static_args(p, args)
+    return args
 
 
-def make_mesh(ep: int | None) -> Mesh:
-    """('data', 'expert') over every device, `ep` of them on the expert axis."""
+def start_jax(args: argparse.Namespace) -> None:
+    """Emulated CPU devices and jax.distributed, before the first backend starts (importing jax
+    does not start one)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        # Only affects the CPU platform, and is read when the first backend starts.
+        os.environ["XLA_FLAGS"] = (
+            f"{flags} --xla_force_host_platform_device_count={args.cpu_devices}").strip()
+    if args.coordinator is None and not args.distributed:
+        return
+    import jax
+
+    # CPU devices of several processes talk through gloo (no effect on GPUs, where XLA's
+    # collectives are NCCL's).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=args.coordinator,
+                               num_processes=args.num_processes, process_id=args.process_id)
+
+
+def make_mesh(ep: int | None, error=None):
+    """('data', 'expert') over every device (of every process), `ep` of them on the expert
+    axis; `error(msg)` reports a bad --ep (argparse's parser.error from main)."""
+    import jax
+    from jax.sharding import Mesh
+
     devices = jax.devices()
     ep = ep or len(devices)
     if len(devices) % ep:
-        raise ValueError(f"--ep {ep} does not divide the {len(devices)} devices")
+        msg = f"--ep {ep} does not divide the {len(devices)} devices"
+        if error is None:
+            raise ValueError(msg)
+        error(msg)
     return Mesh(np.array(devices).reshape(len(devices) // ep, ep), ("data", "expert"))
 
 
-def build_model(framework: str, cfg: LMConfig, mesh: Mesh, seed: int):
+def check_mesh_args(p: argparse.ArgumentParser, args: argparse.Namespace, mesh) -> None:
+    """The flags that depend on the devices (parser.error, like the static ones)."""
+    ep = mesh.shape["expert"]
+    if args.batch % mesh.size:
+        p.error(f"--batch {args.batch} must be a multiple of the {mesh.size} devices (every "
+                f"device takes whole sequences)")
+    if args.experts % ep:
+        p.error(f"--experts {args.experts} must be a multiple of the {ep} devices of the expert "
+                f"axis (--ep)")
+    if args.backend == "cuda":
+        from jax_ep import cuda_available
+
+        platforms = {d.platform for d in mesh.devices.flat}
+        if platforms != {"gpu"} or not cuda_available():
+            p.error("--backend cuda needs GPUs and jax_ep built with nvcc (python -m jax_ep.info "
+                    "says what this install has)")
+
+
+def build_model(framework: str, cfg: LMConfig, mesh, seed: int):
     if framework == "flax":
         from jax_ep.nn import lm_flax as lm
     else:
@@ -87,31 +247,51 @@ def build_model(framework: str, cfg: LMConfig, mesh: Mesh, seed: int):
 
 
 def make_train_step(apply, tx, aux_coef: float):
+    import jax
     import optax
 
     def loss_fn(params, tokens):
-        logits, aux = apply(params, tokens[:, :-1])
+        logits, aux = apply(params, tokens[:, :-1])  # aux: lm_config.sum_block_aux
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-        return ce + aux_coef * aux, (ce, aux)
+        return ce + aux_coef * aux["aux_loss"], (ce, aux["aux_loss"], aux["num_dropped"])
 
     @jax.jit
     def step(params, opt_state, tokens):
-        (_, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens)
+        (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, ce, aux
+        return optax.apply_updates(params, updates), opt_state, stats
 
     return step
 
 
-def replicate_rest(params, mesh: Mesh):
+def replicate_rest(params, mesh):
     """Expert weights (and their optimiser moments) arrive sharded over 'expert'; everything
-    else is replicated on the mesh, so the step's inputs and outputs keep one layout."""
+    else is replicated on the mesh, so the step's inputs and outputs keep one layout. Every
+    process holds the same values (the same seed), so each fills its own devices."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    replicated = NamedSharding(mesh, P())
+
     def place(a):
-        if isinstance(a.sharding, NamedSharding) and a.sharding.mesh == mesh:
+        if isinstance(a, jax.Array) and isinstance(a.sharding, NamedSharding) and \
+                a.sharding.mesh == mesh:
             return a
-        return jax.device_put(a, NamedSharding(mesh, P()))
+        if jax.process_count() == 1:
+            return jax.device_put(a, replicated)
+        host = np.asarray(a)
+        return jax.make_array_from_callback(host.shape, replicated, lambda index: host[index])
 
     return jax.tree.map(place, params)
+
+
+def global_batch(tokens: np.ndarray, sharding):
+    """The step's [B, S+1] tokens (the same on every process) as one array over the mesh: each
+    process fills its own devices' rows."""
+    import jax
+
+    return jax.make_array_from_callback(tokens.shape, sharding, lambda index: tokens[index])
 
 
 def plot_losses(path: str, losses: list[float], floor: float, title: str) -> None:
@@ -133,20 +313,34 @@ def plot_losses(path: str, losses: list[float], floor: float, title: str) -> Non
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """Runs the demo; returns {"losses": [...], "floor": float, "plot": path or None}."""
+    """Runs the demo; returns {"losses": [...], "aux": [...], "dropped": [...] (slots dropped
+    for capacity per step, over all MoE layers), "floor": float, "plot": path or None, "backend": str}."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_static_args(parser, args)
+    start_jax(args)
+
+    import jax
     import optax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from jax_ep.nn import moe_math
+    from jax_ep.nn.synthetic import TopicMarkovText
 
-    args = parse_args(argv)
-    mesh = make_mesh(args.ep)
-    if args.batch % mesh.size:
-        raise ValueError(f"--batch {args.batch} must be a multiple of the {mesh.size} devices")
+    mesh = make_mesh(args.ep, parser.error)
+    check_mesh_args(parser, args, mesh)
+    lead = jax.process_index() == 0
+
+    def say(text: str) -> None:
+        if lead:
+            print(text, flush=True)
+
     cfg = LMConfig(vocab=args.vocab, seq_len=args.seq_len, d_model=args.d_model,
                    heads=args.heads, layers=args.layers, ffn=args.ffn, experts=args.experts,
                    top_k=args.top_k, shared_ffn=args.shared_ffn, router=args.router,
                    capacity_factor=args.capacity_factor, tie_embeddings=args.tie_embeddings,
-                   backend=args.backend)
+                   backend=args.backend, expert_gemm=args.expert_gemm)
     data = TopicMarkovText(args.vocab, args.topics, seed=args.seed)
     floor = data.entropy_floor(args.seq_len + 1)
     params, apply, spec = build_model(args.framework, cfg, mesh, args.seed)
@@ -157,47 +351,74 @@ def main(argv: Sequence[str] | None = None) -> dict:
     opt_state = replicate_rest(tx.init(params), mesh)  # else step 2 compiles again
     step = make_train_step(apply, tx, args.aux_coef)
     batch_sharding = NamedSharding(mesh, P(("data", "expert")))
-    rng = np.random.default_rng(args.seed + 1)
+    rng = np.random.default_rng(args.seed + 1)  # the same batches on every process
     tokens_per_step = args.batch * args.seq_len
+    slots_per_step = tokens_per_step * args.top_k
 
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
-    print(f"jax_ep demo: {jax.device_count()} {jax.devices()[0].platform} devices, mesh "
-          f"{dict(mesh.shape)}, {args.framework} MoE LM with {n_params:,} parameters, "
-          f"{args.layers} layers x {args.experts} experts (top-{args.top_k}, "
-          f"{args.experts // mesh.shape['expert']} per device)")
-    print(f"data: {args.topics} Markov chains over {args.vocab} tokens; ln(vocab) = "
-          f"{np.log(args.vocab):.2f}, entropy floor = {floor:.2f} nats/token")
+    procs = (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
+    say(f"jax_ep demo: {jax.device_count()} {jax.devices()[0].platform} devices{procs}, mesh "
+        f"{dict(mesh.shape)}, {args.framework} MoE LM with {n_params:,} parameters, "
+        f"{args.layers} layers x {args.experts} experts (top-{args.top_k}, "
+        f"{args.experts // mesh.shape['expert']} per device)")
+    say(f"data: {args.topics} Markov chains over {args.vocab} tokens; ln(vocab) = "
+        f"{np.log(args.vocab):.2f}, entropy floor = {floor:.2f} nats/token")
+    say("aux = load-balancing loss E*sum_e f_e*p_e over the MoE layers (1.0: uniform load); "
+        "dropped = routed slots over the receive capacity (always 0 when dropless)")
 
     losses: list[float] = []
+    auxes: list[float] = []
+    drops: list[int] = []
+    backend = "?"
     t_start = time.perf_counter()
     t_last, tokens_since = t_start, 0
     for i in range(1, args.steps + 1):
-        batch = jax.device_put(data.sample(rng, args.batch, args.seq_len + 1), batch_sharding)
-        params, opt_state, ce, aux = step(params, opt_state, batch)
+        batch = global_batch(data.sample(rng, args.batch, args.seq_len + 1), batch_sharding)
+        params, opt_state, (ce, aux, dropped) = step(params, opt_state, batch)
         loss = float(ce)  # waits for the step: the timing below is of finished work
         losses.append(loss)
+        auxes.append(float(aux))
+        drops.append(int(dropped))
+        drop_text = f"  dropped {drops[-1]} of {slots_per_step * args.layers} slots"
         if i == 1:
             backend = moe_math.group_for(spec, tokens_per_step // mesh.size).backend_name
-            print(f"step    1  loss {loss:.3f}  aux {float(aux):.3f}  (compiled in "
-                  f"{time.perf_counter() - t_start:.1f} s; jax_ep backend: {backend})")
+            say(f"step    1  loss {loss:.3f}  aux {auxes[-1]:.3f}{drop_text}  (compiled in "
+                f"{time.perf_counter() - t_start:.1f} s; jax_ep backend: {backend})")
             t_last, tokens_since = time.perf_counter(), 0
             continue
         tokens_since += tokens_per_step
         if i % args.log_every == 0 or i == args.steps:
             now = time.perf_counter()
-            print(f"step {i:4d}  loss {loss:.3f}  aux {float(aux):.3f}  "
-                  f"{tokens_since / (now - t_last):,.0f} tokens/s")
+            say(f"step {i:4d}  loss {loss:.3f}  aux {auxes[-1]:.3f}{drop_text}  "
+                f"{tokens_since / (now - t_last):,.0f} tokens/s")
             t_last, tokens_since = now, 0
     tail = float(np.mean(losses[-10:]))
-    print(f"loss: first step {losses[0]:.3f} -> last 10 steps {tail:.3f} (floor {floor:.2f}) "
-          f"in {time.perf_counter() - t_start:.0f} s")
-    plot = args.plot or None
+    say(f"loss: first step {losses[0]:.3f} -> last 10 steps {tail:.3f} (floor {floor:.2f}) "
+        f"in {time.perf_counter() - t_start:.0f} s; last loss {losses[-1]:.4f}")
+    if not lead:
+        print(f"process {jax.process_index()} of {jax.process_count()}: {args.steps} steps, last "
+              f"loss {losses[-1]:.4f}", flush=True)
+    say(f"dropped: {sum(drops)} of {slots_per_step * args.layers * len(drops)} routed slots "
+        f"over {len(drops)} steps"
+        + ("" if args.capacity_factor else " (dropless: --capacity_factor unset)"))
+    plot = (args.plot or None) if lead else None
     if plot:
         plot_losses(plot, losses, floor, f"{args.framework} MoE LM, E={args.experts}, "
                     f"top-{args.top_k}, EP over {mesh.shape['expert']} devices")
-        print(f"wrote {plot}")
-    return {"losses": losses, "floor": floor, "plot": plot}
+        say(f"wrote {plot}")
+    return {"losses": losses, "aux": auxes, "dropped": drops, "floor": floor, "plot": plot,
+            "backend": backend}
+
+
+def cli() -> None:
+    """`python -m jax_ep.demo`: main() with jax_ep's INFO log on stderr (the backend each EP group
+    runs on and the device memory it allocates)."""
+    import logging
+
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("jax_ep").setLevel(logging.INFO)
+    main()
 
 
 if __name__ == "__main__":
-    main()
+    cli()

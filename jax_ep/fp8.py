@@ -54,9 +54,3 @@ def dequantize_fp8(x_fp8: jax.Array, scales: jax.Array, dtype=jnp.bfloat16) -> j
 
 def is_fp8(x) -> bool:
     return jnp.dtype(x.dtype) == jnp.dtype(FP8)
-
-
-def pad_scale_cols(scales: jax.Array) -> jax.Array:
-    """[R, S] -> [R, S rounded up to 4]: whole 16-byte vectors for the cuda kernels' row copies."""
-    extra = -scales.shape[-1] % 4
-    return jnp.pad(scales, ((0, 0), (0, extra))) if extra else scales

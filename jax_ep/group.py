@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import logging
+import time
 import warnings
 import weakref
 from typing import Any, Sequence
 
 from jax.sharding import Mesh
 
-from jax_ep import coordination, topology
+from jax_ep import coordination, memory, topology, validation
+from jax_ep.backends import layout_operations
 from jax_ep.backends.reference import ReferenceBackend
 from jax_ep.config import EPConfig
 
 BACKENDS = ("auto", "reference", "cuda", "hierarchical")
 INTRA_HOST = ("auto", "cuda", "xla")
 _open_groups: "weakref.WeakSet[EPGroup]" = weakref.WeakSet()
+logger = logging.getLogger("jax_ep")
 _creation_order = itertools.count()
 
 
@@ -77,8 +81,10 @@ class EPGroup:
 
     Creation is collective over the processes holding the mesh's devices: each checks that the
     others created the same group (ValueError naming the differing process and fields) and a
-    process that does not arrive within EPConfig.timeout_s is a TimeoutError naming it. Every
-    process must create its groups in the same order, and close() them in the same order.
+    process that does not arrive within EPConfig.timeout_s is an EPPeerError (a TimeoutError)
+    naming it, on every process, the late one included. Every process must create its groups
+    in the same order, make the same jax_ep calls, and close() them in the same order; on CPU
+    backends over several processes each call checks that (docs/multihost.md).
     The cuda backend allocates its communication buffers here, once, and frees them on
     close() (or at interpreter exit). Use as a context manager to scope them.
     """
@@ -101,6 +107,7 @@ class EPGroup:
         if intra_host not in INTRA_HOST:
             raise ValueError(f"EPGroup: intra_host must be one of {INTRA_HOST}, got "
                              f"{intra_host!r}")
+        validation.check_portable_config(config, n)
         self.mesh = mesh
         self.axis_name = axis_name
         self.config = config
@@ -123,7 +130,7 @@ class EPGroup:
             self.topology.check_uniform("EPGroup(backend='hierarchical')")
             self.intra_host = _resolve_intra_host(intra_host, mesh)
             if self.intra_host == "cuda":
-                from jax_ep.backends.cuda_intra_host import CudaIntraHostLeg
+                from jax_ep.backends.cuda import CudaIntraHostLeg
 
                 intra = CudaIntraHostLeg(mesh, axis_name, self.topology, config,
                                          self._coordinator)
@@ -132,31 +139,62 @@ class EPGroup:
             self.backend = HierarchicalBackend(axis_name, self.topology, intra)
         else:
             self.backend = ReferenceBackend(axis_name)
+        self._calls = self._call_checks()
+        if self._calls is not None:
+            self.backend = coordination.CheckedBackend(self.backend, self._calls)
+        self.ops = layout_operations(self.backend_name, self.backend, axis_name)
+        if self._calls is not None:  # the normal layout's backend is checked already
+            self.ops["padded"] = coordination.CheckedBackend(self.ops["padded"], self._calls)
         self._closed = False
         self._order = next(_creation_order)
         _open_groups.add(self)
+        _log_created(self)
+
+    def _call_checks(self) -> "coordination.CallChecks | None":
+        """The per-call step with the peers (coordination.CallChecks) on CPU backends over
+        several processes: XLA's gloo collectives would wait 30 minutes for a missing peer and
+        name nobody. GPUs keep their hot path free of host round trips: the cuda kernels bound
+        their own waits, NCCL's collectives are not bounded (docs/multihost.md)."""
+        on_cpus = all(d.platform == "cpu" for d in self.mesh.devices.flat)
+        if not (self._coordinator.spans_processes and on_cpus):
+            return None
+        return coordination.CallChecks(self._coordinator, self.mesh)
 
     def check(self) -> None:
-        """Raises if a cuda kernel of this group reported an error after the fact (a peer
-        that never arrived: the wait times out after EPConfig.timeout_s). A later call on the
-        group raises the same error; use this after block_until_ready to fail fast."""
+        """Raises if a call of this group failed after the fact: a cuda kernel that timed out
+        waiting for a peer (EPRuntimeError), or, on CPU backends over several processes, a
+        peer that did not reach a call within EPConfig.timeout_s (EPPeerError). A later call
+        on the group raises the same error; use this after block_until_ready to fail fast."""
+        validation.check_open(self, "EPGroup.check")
         self.backend.check()
 
     def close(self) -> None:
         """Frees the backend's buffers; the group can't be used afterwards. Collective when the
         group spans processes: waits (at most EPConfig.timeout_s) for every peer to reach
-        close() before freeing, so no peer is still writing into this process's buffers."""
-        if not self._closed:
-            self._closed = True
-            try:
-                # After jax.distributed.shutdown() (at exit) the peers are gone: no one to wait for.
-                if coordination.kv_client() is not None or not self._coordinator.spans_processes:
-                    self._coordinator.barrier("close")
-            except TimeoutError as e:
-                warnings.warn(f"{e}; freeing this process's EP buffers anyway", RuntimeWarning,
-                              stacklevel=2)
-            finally:
-                self.backend.close()
+        close() before freeing, so no peer is still writing into this process's buffers. A
+        peer that a wait already gave up on (here or in another group) is not waited for
+        again, so closing many groups with a dead peer takes one timeout_s in all."""
+        self._close(deadline=None)
+
+    def _close(self, deadline: float | None) -> None:
+        """close(), waiting for the peers timeout_s, and until `deadline` (time.monotonic()) at
+        most."""
+        if self._closed:
+            return
+        self._closed = True
+        own = time.monotonic() + self.config.timeout_s
+        deadline = own if deadline is None else min(deadline, own)
+        try:
+            # After jax.distributed.shutdown() (at exit) the peers are gone: no one to wait for.
+            if coordination.kv_client() is not None or not self._coordinator.spans_processes:
+                if self._calls is not None:
+                    self._calls.close()
+                self._coordinator.barrier("close", deadline)
+        except TimeoutError as e:
+            warnings.warn(f"{e}; freeing this process's EP buffers anyway", RuntimeWarning,
+                          stacklevel=3)
+        finally:
+            self.backend.close()
 
     def __enter__(self) -> "EPGroup":
         return self
@@ -170,8 +208,35 @@ class EPGroup:
                 f"E={self.config.num_experts}, backend={self.backend_name!r}{intra})")
 
 
+def _log_created(group: EPGroup) -> None:
+    """INFO on the logger "jax_ep": the backend a new group runs on (and why it is that one:
+    `python -m jax_ep.info`), its sizes, and the device memory its buffers hold per GPU."""
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    c = group.config
+    backend = group.backend_name + (f" (intra_host={group.intra_host})" if group.intra_host
+                                    else "")
+    sizes = (f"top_k={c.top_k} max_tokens={c.max_tokens} hidden_size={c.hidden_size} "
+             f"dtype={c.dtype} num_sms={c.num_sms}")
+    if c.capacity is not None:
+        sizes += f" capacity={c.capacity}"
+    elif c.capacity_factor is not None:
+        sizes += f" capacity_factor={c.capacity_factor:g}"
+    if c.padded_layout:
+        sizes += " padded_layout"
+    held = memory.group_buffer_bytes(group)
+    held_text = ("no persistent device buffers" if held is None else
+                 f"{memory.format_bytes(held)} ({held} bytes) of device memory per GPU")
+    logger.info("EPGroup on axis %r: backend=%s N=%d E=%d %s; %s", group.axis_name, backend,
+                group.num_ranks, c.num_experts, sizes, held_text)
+
+
 @atexit.register
 def _close_all() -> None:
-    # In creation order, the same on every process, since close() waits for the peers.
-    for group in sorted(_open_groups, key=lambda g: g._order):
-        group.close()
+    # In creation order, the same on every process, since close() waits for the peers; under
+    # one deadline, so that exit with a dead peer waits one timeout_s, not one per group.
+    groups = sorted(_open_groups, key=lambda g: g._order)
+    if groups:
+        deadline = time.monotonic() + max(g.config.timeout_s for g in groups)
+        for group in groups:
+            group._close(deadline)

@@ -92,3 +92,10 @@ def discover(mesh: Mesh, axis_name: str, hostnames: dict[int, str]) -> Topology:
                          f"({sorted(p.host_of for p in patterns)}); pass hosts= explicitly or "
                          f"lay the mesh out so every slice spans its hosts alike")
     return patterns.pop()
+
+
+def ep_slices(mesh: Mesh, axis_name: str) -> dict[tuple[int, ...], list[Any]]:
+    """The devices of each EP group (one per index of the mesh's other axes), in rank order."""
+    axis = mesh.axis_names.index(axis_name)
+    devices = np.moveaxis(mesh.devices, axis, -1)
+    return {idx: list(devices[idx]) for idx in np.ndindex(devices.shape[:-1])}

@@ -66,7 +66,7 @@ class Dispatched:
     source rank s for local expert l sit at x[l, s * M + p], p = 0, 1, ... in (source token,
     slot) order, zero past recv_counts[l, s]; weights is [E_local, N * M]; group_sizes[l] =
     sum_s recv_counts[l, s]; num_dropped counts the slots that repeat an expert already in the
-    same token's top-k (they are not delivered, see docs/low_latency.md).
+    same token's top-k (they are not delivered, see docs/padded_layout.md).
     """
 
     x: jax.Array

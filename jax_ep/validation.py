@@ -9,18 +9,65 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ep.config import (FP8_DTYPE, SUPPORTED_DTYPES, Sizes, dtype_name, fp8_scale_cols,
-                           sizes_for)
+from jax_ep import row_rules
+from jax_ep.config import (FP8_DTYPE, INT32_MAX, SUPPORTED_DTYPES, EPConfig, CallShape, dtype_name,
+                           fp8_scale_cols, shape_for)
+from jax_ep.types import Dispatched, Handle, PaddedHandle
 
 if TYPE_CHECKING:
     from jax_ep.group import EPGroup
-    from jax_ep.types import Handle, PaddedHandle
 
 LAYOUTS = ("normal", "padded")
 
 
 def _shape(a: Any) -> tuple[int, ...]:
     return tuple(np.shape(a))
+
+
+def check_open(group: "EPGroup", op: str) -> None:
+    """A closed group's buffers are freed: using it must fail here, not in a kernel."""
+    if getattr(group, "_closed", False):
+        raise ValueError(f"jax_ep.{op}: {group!r} was closed (EPGroup.close() or the end of its "
+                         f"`with` block) and cannot be used again; create a new EPGroup")
+
+
+def check_portable_config(config: EPConfig, num_ranks: int) -> None:
+    """EPConfig.portable: the sizes the cuda backends need at group creation, on every backend.
+
+    Args:
+      config: the group's EPConfig.
+      num_ranks: N, the ranks of the group's EP axis.
+    Raises ValueError saying what to set, or how to opt out.
+    """
+    if not config.portable:
+        return
+    if config.max_tokens is None or config.hidden_size is None:
+        raise ValueError(
+            "EPGroup: set EPConfig.max_tokens and EPConfig.hidden_size: the cuda backend (what "
+            "backend='auto' picks on GPUs) sizes its buffers from them, and EPConfig.portable "
+            "(the default) holds every backend to that so a model tested on CPU runs on GPUs. "
+            "EPConfig(portable=False) opts out on the reference and hierarchical (xla) backends")
+    if num_ranks * config.max_tokens * config.top_k > INT32_MAX:
+        raise ValueError(
+            f"EPGroup: N * max_tokens * top_k = {num_ranks} * {config.max_tokens} * "
+            f"{config.top_k} must be < 2**31 (the cuda kernels' slot indices are int32; "
+            f"EPConfig.portable holds every backend to that)")
+
+
+def check_handle(handle: Any) -> None:
+    """combine takes Dispatched.handle; say so for the usual slips (None, the Dispatched)."""
+    if isinstance(handle, (Handle, PaddedHandle)):
+        return
+    if handle is None:
+        raise ValueError("jax_ep.combine needs the handle of the dispatch that produced these "
+                         "rows: pass d.handle, with d = jax_ep.dispatch(...)")
+    if isinstance(handle, Dispatched):
+        raise ValueError("jax_ep.combine: pass d.handle (the routing), not the Dispatched d "
+                         "itself: combine(group, rows, d.handle, weights=d.weights)")
+    got = (f"a jax.Array of shape {list(_shape(handle))}" if isinstance(handle, jax.Array)
+           else type(handle).__name__)
+    raise ValueError(f"jax_ep.combine: handle must be Dispatched.handle (a Handle or "
+                     f"PaddedHandle) of the dispatch that produced these rows, got {got}")
 
 
 def check_inside_axis(group: "EPGroup", op: str) -> None:
@@ -45,16 +92,22 @@ def check_rows_dtype(name: str, op: str, a: Any) -> None:
 
 
 def check_hidden(group: "EPGroup", op: str, hidden: int, dtype: Any) -> None:
+    """Rows of `hidden` x `dtype`: EPConfig.hidden_size, then the backend's own rule and, when
+    EPConfig.portable, the cuda kernels' rule on every backend."""
     config = group.config
     if config.hidden_size is not None and hidden != config.hidden_size:
         raise ValueError(f"jax_ep.{op}: rows have hidden size {hidden} but "
                          f"EPConfig.hidden_size={config.hidden_size}")
-    group.backend.check_row_layout(op, hidden, np.dtype(dtype))
+    group.backend.check_row_width(op, hidden, np.dtype(dtype))
+    if config.portable:
+        row_rules.check_row_width(config, op, hidden, np.dtype(dtype), on_cuda=False)
 
 
 def check_dispatch(group: "EPGroup", x: Any, topk_idx: Any, topk_weights: Any,
-                   x_scales: Any = None, layout: str = "normal") -> Sizes:
+                   x_scales: Any = None, layout: str = "normal",
+                   num_sms: int | None = None) -> CallShape:
     """Checks dispatch's inputs; returns the call's static sizes."""
+    check_open(group, "dispatch")
     check_inside_axis(group, "dispatch")
     config = group.config
     if len(_shape(x)) != 2:
@@ -83,11 +136,13 @@ def check_dispatch(group: "EPGroup", x: Any, topk_idx: Any, topk_weights: Any,
                          f"EPConfig.max_tokens={config.max_tokens}; raise max_tokens or "
                          f"shard the tokens over more devices")
     check_hidden(group, "dispatch", h, x.dtype)
-    return sizes_for(config, group.num_ranks, t, h)
+    return shape_for(config, group.num_ranks, t, h, num_sms)
 
 
-def check_combine(group: "EPGroup", rows: Any, handle: "Handle", weights: Any) -> Sizes:
+def check_combine(group: "EPGroup", rows: Any, handle: "Handle", weights: Any,
+                  num_sms: int | None = None) -> CallShape:
     """Checks combine's inputs; returns the call's static sizes."""
+    check_open(group, "combine")
     check_inside_axis(group, "combine")
     config = group.config
     if len(_shape(rows)) != 2:
@@ -109,7 +164,7 @@ def check_combine(group: "EPGroup", rows: Any, handle: "Handle", weights: Any) -
             raise ValueError(f"jax_ep.combine: weights must be float32 [C] = [{c}], got "
                              f"{weights.dtype} {_shape(weights)}")
     check_hidden(group, "combine", h, rows.dtype)
-    return sizes_for(config, group.num_ranks, t, h)
+    return shape_for(config, group.num_ranks, t, h, num_sms)
 
 
 # --- the padded (low-latency) layout and fp8 dispatch ------------------------------------------
@@ -118,8 +173,8 @@ def check_combine(group: "EPGroup", rows: Any, handle: "Handle", weights: Any) -
 def check_layout(group: "EPGroup", layout: str) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"jax_ep.dispatch: layout must be one of {LAYOUTS}, got {layout!r}")
-    if layout == "padded" and not group.config.low_latency:
-        raise ValueError("jax_ep.dispatch(layout='padded') needs EPConfig(low_latency=True, "
+    if layout == "padded" and not group.config.padded_layout:
+        raise ValueError("jax_ep.dispatch(layout='padded') needs EPConfig(padded_layout=True, "
                          "max_tokens=...): the padded layout is sized (and, on the cuda "
                          "backend, its buffers allocated) from them")
 
@@ -144,8 +199,9 @@ def check_fp8(x: Any, x_scales: Any) -> None:
 
 
 def check_padded_combine(group: "EPGroup", rows: Any, handle: "PaddedHandle",
-                         weights: Any) -> Sizes:
+                         weights: Any, num_sms: int | None = None) -> CallShape:
     """Checks combine's inputs for the padded layout; returns the call's static sizes."""
+    check_open(group, "combine")
     check_inside_axis(group, "combine")
     config = group.config
     n, el = group.num_ranks, group.experts_per_rank
@@ -164,4 +220,4 @@ def check_padded_combine(group: "EPGroup", rows: Any, handle: "PaddedHandle",
         raise ValueError(f"jax_ep.combine: weights must be float32 [E_local, N * M] = "
                          f"[{el}, {n * m}], got {weights.dtype} {list(_shape(weights))}")
     check_hidden(group, "combine", h, rows.dtype)
-    return sizes_for(config, n, t, h)
+    return shape_for(config, n, t, h, num_sms)

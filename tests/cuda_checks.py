@@ -6,7 +6,7 @@ ranks it holds. The flat cuda backend uses no XLA collective (only jax_ep's cust
 devices) and cotangents are fed per rank with jax.vjp inside shard_map; the hierarchical
 backend's checks (group_kwargs=dict(hosts=..., intra_host=...)) add its XLA collectives, which
 across processes sharing one GPU need each process to be its own NCCL host
-(mp_launch.launch(nccl_host_per_process=True)).
+(local_world.launch(nccl_host_per_process=True)).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
 import jax_ep
+from jax_ep.per_rank import local_parts, to_global
 from tests import harness, oracle
 
 
@@ -63,26 +63,6 @@ def routing_for(case: Case, num_ranks: int, rng) -> tuple[np.ndarray, np.ndarray
         idx, _ = harness.random_routing(rng, num_ranks, case.tokens, case.top_k, experts,
                                         invalid=0.15 if case.routing == "invalid" else 0.0)
     return idx.astype(np.int32), rng.random(shape).astype(np.float32)
-
-
-def to_global(a: np.ndarray, mesh: Mesh) -> jax.Array:
-    """[R, ...] numpy (entry r for rank r) -> a global array with one rank per device."""
-    sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
-    return jax.make_array_from_callback(a.shape, sharding, lambda index: a[index])
-
-
-def local_parts(tree) -> dict[int, object]:
-    """{rank: pytree of numpy arrays} for the ranks this process holds."""
-    leaves, treedef = jax.tree.flatten(tree)
-    ranks = sorted(s.index[0].start or 0 for s in leaves[0].addressable_shards)
-    out = {}
-    for r in ranks:
-        picked = []
-        for leaf in leaves:
-            shard = next(s for s in leaf.addressable_shards if (s.index[0].start or 0) == r)
-            picked.append(np.asarray(shard.data)[0])
-        out[r] = jax.tree.unflatten(treedef, picked)
-    return out
 
 
 def make_group(mesh: Mesh, case: Case, backend: str = "cuda", group_kwargs: dict | None = None,

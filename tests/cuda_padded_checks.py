@@ -41,7 +41,7 @@ def make_group(mesh: Mesh, case: Case, backend: str = "cuda", **extra) -> jax_ep
     n = mesh.shape["expert"]
     cfg = jax_ep.EPConfig(num_experts=case.experts_per_rank * n, top_k=case.top_k,
                           max_tokens=max_tokens_of(case), hidden_size=case.hidden,
-                          dtype=case.dtype, low_latency=True, num_sms=extra.pop("num_sms", 8),
+                          dtype=case.dtype, padded_layout=True, num_sms=extra.pop("num_sms", 8),
                           timeout_s=extra.pop("timeout_s", 60.0), **extra)
     return jax_ep.EPGroup(mesh, "expert", cfg, backend=backend)
 

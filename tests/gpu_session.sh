@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Runs on the lent GPU machine (device tool). Builds jax_ep with its CUDA kernels (or uses a
+# Runs the GPU checks and benchmarks on a machine with an NVIDIA GPU. Builds jax_ep with its CUDA kernels (or uses a
 # prebuilt extension carried in jax_ep/), then runs the stages named by the arguments, each under
 # its own time limit, logging under $OUT:
 #   bash tests/gpu_session.sh build one_gpu mp bench1 bench8
 # Stages: build (compile; copies the extension to $OUT for later calls to carry), one_gpu (pytest
 # -m gpu, single process), mp (N = 2, 4, 8 processes sharing the GPU, and the timeout test),
 # bench1 / bench8 (bench/bench_ep.py at world size 1 / 8 processes), multigpu
-# (bench/bench_multigpu.py over every GPU), ncu (per-kernel device time), pytest:EXPR (pytest -m gpu
+# (bench/bench_multigpu.py over every GPU), layer (bench/bench_layer.py: a whole MoE layer
+# step), ncu (per-kernel device time), pytest:EXPR (pytest -m gpu
 # -k EXPR), mps_on / mps_off (an MPS daemon for the stages between them).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -70,11 +71,11 @@ for s in "$@"; do
         --shapes decode --reps 4 --trials 5 --rounds 20 --out "$LOGS" --tag _hier_decode
       stage bench_hier_mixtral 200 python3 bench/run_world.py 4 --mps --num-sms 8 --hosts 2 \
         --shapes mixtral --tokens 1024 --reps 4 --trials 5 --out "$LOGS" --tag _hier_t1024 ;;
-    lowlat1) stage lowlat1 240 python3 bench/bench_lowlat.py --fp8 --normal --num-sms ${LL_SMS:-24} \
+    padded1) stage padded1 240 python3 bench/bench_padded.py --fp8 --normal --num-sms ${LL_SMS:-24} \
         --out "$LOGS" ;;
-    lowlat8) stage lowlat8 240 python3 bench/bench_lowlat.py --world 8 --mps --num-sms 8 \
+    padded8) stage padded8 240 python3 bench/bench_padded.py --world 8 --mps --num-sms 8 \
         --rounds 20 --trials 5 --out "$LOGS" ;;
-    multigpu)  # several GPUs, one process driving them all (issue 8), against XLA and peer copy
+    multigpu)  # several GPUs, one process driving them all, against XLA and peer copy
       stage multigpu 300 python3 bench/bench_multigpu.py --out "$LOGS" ${BENCH_ARGS:-} ;;
     trace)  # device timeline of the timed program (JAX profiler): kernels and the gaps between
       for shape in ${TRACE_SHAPES:-deepseek_v3 mixtral decode}; do for op in ${TRACE_OPS:-dispatch combine}; do
@@ -97,6 +98,12 @@ for s in "$@"; do
         --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
         python3 bench/profile_ops.py --shape decode --calls 1 --num-sms ${LL_SMS:-24} --layout padded
       python3 bench/ncu_summary.py "$LOGS/ncu_padded.log" --json "$LOGS/ncu_padded.json" ;;
+    layer)  # one MoE layer step, forward + backward, per expert-matmul implementation
+      for shape in ${LAYER_SHAPES:-mixtral deepseek_v3}; do
+        stage "layer_$shape" ${LAYER_LIMIT:-300} python3 bench/bench_layer.py --shapes "$shape" \
+          --budget-s $(( ${LAYER_LIMIT:-300} - 40 )) --out "$LOGS/layer_$shape"
+        cp "$LOGS/layer_$shape/results_layer.md" "$LOGS/results_layer_$shape.md" 2>/dev/null
+      done ;;
     *) echo "unknown stage $s" ;;
   esac
 done

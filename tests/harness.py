@@ -5,9 +5,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
 import jax_ep
+from jax_ep.per_rank import program as per_rank
 from tests import oracle
 
 
@@ -19,18 +19,6 @@ def make_mesh(num_ranks: int, data: int = 1, devices=None) -> Mesh:
     if data == 1:
         return Mesh(np.array(devices), ("expert",))
     return Mesh(np.array(devices).reshape(data, num_ranks), ("data", "expert"))
-
-
-def per_rank(mesh: Mesh, fn):
-    """fn over per-rank values; inputs and outputs carry a leading axis of size R (all ranks of
-    the mesh, data-major), so scalars per rank come back as [R] arrays."""
-    spec = P(tuple(mesh.axis_names))
-
-    def body(*args):
-        out = fn(*jax.tree.map(lambda a: a[0], args))
-        return jax.tree.map(lambda o: o[None], out)
-
-    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=spec, out_specs=spec))
 
 
 def random_routing(rng, num_ranks, tokens, top_k, num_experts, unrouted=0.1, invalid=0.0):

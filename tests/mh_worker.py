@@ -137,6 +137,7 @@ def mismatch_mode(args, mesh) -> int:
     top_k = 3 if args.rank == 1 else 2
     try:
         jax_ep.EPGroup(mesh, "expert", jax_ep.EPConfig(num_experts=16, top_k=top_k,
+                                                       max_tokens=8, hidden_size=64,
                                                        timeout_s=20.0))
     except ValueError as e:
         print(f"process {args.rank}: {e}", flush=True)
@@ -160,7 +161,8 @@ def missing_mode(args, mesh) -> int:
         return 0
     t0 = time.perf_counter()
     try:
-        jax_ep.EPGroup(mesh, "expert", jax_ep.EPConfig(num_experts=16, top_k=2, timeout_s=2.0))
+        jax_ep.EPGroup(mesh, "expert", jax_ep.EPConfig(num_experts=16, top_k=2, max_tokens=8,
+                                                       hidden_size=64, timeout_s=2.0))
         ok = False
         print("process 0: the group was created without process 1", flush=True)
     except TimeoutError as e:
@@ -179,7 +181,7 @@ def close_mode(args, mesh) -> int:
     import jax_ep
 
     client = distributed.global_state.client
-    cfg = jax_ep.EPConfig(num_experts=16, top_k=2, timeout_s=20.0)
+    cfg = jax_ep.EPConfig(num_experts=16, top_k=2, max_tokens=8, hidden_size=64, timeout_s=20.0)
     group = jax_ep.EPGroup(mesh, "expert", cfg)
     ok = True
     t0 = time.perf_counter()
@@ -190,8 +192,8 @@ def close_mode(args, mesh) -> int:
     print(f"process {args.rank}: close took {waited:.1f} s", flush=True)
     if args.rank == 0:
         ok &= waited > 1.5
-    late = jax_ep.EPGroup(mesh, "expert", jax_ep.EPConfig(num_experts=16, top_k=2,
-                                                          timeout_s=1.5))
+    late = jax_ep.EPGroup(mesh, "expert", jax_ep.EPConfig(num_experts=16, top_k=2, max_tokens=8,
+                                                          hidden_size=64, timeout_s=1.5))
     if args.rank == 1:
         client.blocking_key_value_get("jax_ep_mh/close_done", 60_000)
         late.close()

@@ -15,8 +15,8 @@ def main() -> int:
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world", type=int, required=True)
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--mode", choices=["cases", "timeout", "padded", "hierarchical", "mesh2d"],
-                        default="cases")
+    parser.add_argument("--mode", choices=["cases", "timeout", "padded", "hierarchical", "mesh2d",
+                                           "dies_mid_call"], default="cases")
     args = parser.parse_args()
 
     import jax
@@ -31,7 +31,8 @@ def main() -> int:
     if args.mode == "mesh2d":
         mesh = Mesh(np.array(jax.devices()).reshape(2, -1), ("data", "expert"))
     modes = {"cases": cases_mode, "timeout": timeout_mode, "padded": padded_mode,
-             "hierarchical": hierarchical_mode, "mesh2d": mesh2d_mode}
+             "hierarchical": hierarchical_mode, "mesh2d": mesh2d_mode,
+             "dies_mid_call": dies_mid_call_mode}
     code = modes[args.mode](args, mesh)
     # Leave together: a rank that exits while another still talks to the coordination service
     # (hosted by rank 0) makes the survivors abort.
@@ -149,6 +150,64 @@ def timeout_mode(args, mesh) -> int:
     group.close()
     print("rank 0: timeout test " + ("ok" if ok else "FAILED"))
     return 0 if ok else 1
+
+
+def dies_mid_call_mode(args, mesh) -> int:
+    """Rank 1 dies inside a jitted dispatch + combine step, after its dispatch (os._exit in a
+    host callback between the two): rank 0's combine waits for it, times out after timeout_s
+    and the group reports the jax_ep error naming rank 1 and the phase; rank 0 does not hang.
+    Rank 0 leaves with os._exit: jax.distributed would wait for its dead peer."""
+    import os
+
+    import jax
+    import numpy as np
+    from jax._src import distributed
+    from jax.experimental import io_callback
+
+    import jax_ep
+    from tests import cuda_checks, harness
+
+    timeout_s = 3.0
+    case = cuda_checks.Case("dies_mid_call", 8, 2, 2, 64, "float32")
+    group = cuda_checks.make_group(mesh, case, timeout_s=timeout_s)
+    x, idx, w, *_ = cuda_checks.inputs_for(case, args.world, 0)
+
+    def die(probe):
+        del probe  # it orders the callback after dispatch
+        if args.rank == 1:
+            print("rank 1: dying between dispatch and combine", flush=True)
+            os._exit(0)
+        return np.int32(0)
+
+    def step(a, b, c):
+        d = jax_ep.dispatch(group, a, b, c)
+        # Data dependencies both ways, so the callback runs after dispatch, before combine.
+        token = io_callback(die, jax.ShapeDtypeStruct((), np.int32),
+                            d.x.reshape(-1)[:1].sum().astype(np.float32))
+        rows = d.x + token.astype(d.x.dtype)
+        return jax_ep.combine(group, rows, d.handle, weights=d.weights)
+
+    inputs = [cuda_checks.to_global(a, mesh) for a in (x, idx, w)]
+    compiled = harness.per_rank(mesh, step).lower(*inputs).compile()
+    distributed.global_state.client.wait_at_barrier("jax_ep_test_dies_compiled", 120_000)
+    t0 = time.perf_counter()
+    try:
+        jax.block_until_ready(compiled(*inputs))
+        print("rank 0: the step returned (the kernels record the timeout)", flush=True)
+    except Exception as e:  # XLA may also surface the FFI error right away
+        print(f"rank 0: the step raised {type(e).__name__}: {str(e)[:300]}", flush=True)
+    waited = time.perf_counter() - t0
+    ok = waited < timeout_s + 30
+    try:
+        group.check()
+        print(f"rank 0: no error recorded {waited:.1f} s after rank 1 died", flush=True)
+        ok = False
+    except jax_ep.EPRuntimeError as e:
+        print(f"rank 0: check() raised after {waited:.1f} s: {e}", flush=True)
+        ok &= "jax_ep" in str(e) and "waiting for rank 1" in str(e)
+        ok &= "combine" in str(e) or "barrier" in str(e)
+    print("rank 0: dies mid call test " + ("ok" if ok else "FAILED"), flush=True)
+    os._exit(0 if ok else 1)
 
 
 if __name__ == "__main__":

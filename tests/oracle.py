@@ -1,4 +1,4 @@
-"""An independent numpy oracle of DESIGN.md's contract, written from the text, not the code:
+"""An independent numpy oracle of docs/contract.md's contract, written from the text, not the code:
 it lists every routed slot as a tuple, sorts the tuples into row order and cuts at capacity."""
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def dense_moe_identity(x, topk_idx, topk_weights, num_experts: int) -> np.ndarra
     return (w[..., None] * x[..., None, :].astype(np.float64)).sum(axis=-2)
 
 
-# --- the padded (low-latency) layout, from docs/low_latency.md --------------------------------
+# --- the padded (low-latency) layout, from docs/padded_layout.md --------------------------------
 
 
 @dataclasses.dataclass

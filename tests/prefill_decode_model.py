@@ -59,7 +59,7 @@ def groups_for(mesh: Mesh, spec: ModelSpec, backend: str):
     prefill = jax_ep.EPGroup(mesh, "expert", jax_ep.EPConfig(
         max_tokens=per_rank * spec.prompt, **common), backend=backend)
     decode = jax_ep.EPGroup(mesh, "expert", jax_ep.EPConfig(
-        max_tokens=per_rank, low_latency=True, **common), backend=backend)
+        max_tokens=per_rank, padded_layout=True, **common), backend=backend)
     return prefill, decode
 
 

@@ -7,7 +7,8 @@ import pytest
 from jax.sharding import Mesh
 
 import jax_ep
-from tests import cuda_checks, harness, mp_launch
+from tests import cuda_checks, harness
+from jax_ep import local_world
 
 pytestmark = pytest.mark.gpu
 
@@ -61,8 +62,8 @@ def test_hidden_size_that_cannot_be_vectorised_is_a_value_error():
 
 def test_cuda_config_needs_buffer_sizes():
     with pytest.raises(ValueError, match="max_tokens"):
-        jax_ep.EPGroup(one_gpu_mesh(), "expert", jax_ep.EPConfig(num_experts=4, top_k=2),
-                       backend="cuda")
+        jax_ep.EPGroup(one_gpu_mesh(), "expert",
+                       jax_ep.EPConfig(num_experts=4, top_k=2, portable=False), backend="cuda")
 
 
 @needs_several_gpus
@@ -83,7 +84,7 @@ def test_one_process_driving_all_gpus_scan_of_20_rounds():
 def test_one_process_per_gpu():
     """N = every GPU, one process each (CUDA IPC between processes)."""
     world = num_gpus()
-    results = mp_launch.launch("tests.mp_worker", world, ["--mode", "cases"], timeout_s=540,
+    results = local_world.launch("tests.mp_worker", world, ["--mode", "cases"], timeout_s=540,
                                one_gpu_each=True)
     for rank, (code, out) in enumerate(results):
         assert code == 0, f"rank {rank} exited {code}:\n{out[-4000:]}"
@@ -92,14 +93,14 @@ def test_one_process_per_gpu():
 
 @pytest.mark.parametrize("world", [2, 4, 8])
 def test_processes_sharing_the_gpu(world):
-    results = mp_launch.launch("tests.mp_worker", world, ["--mode", "cases"], timeout_s=540)
+    results = local_world.launch("tests.mp_worker", world, ["--mode", "cases"], timeout_s=540)
     for rank, (code, out) in enumerate(results):
         assert code == 0, f"rank {rank} exited {code}:\n{out[-4000:]}"
         assert "scan_20_rounds ok" in out
 
 
 def test_a_peer_that_never_arrives_is_a_timeout_error():
-    results = mp_launch.launch("tests.mp_worker", 2, ["--mode", "timeout"], timeout_s=240)
+    results = local_world.launch("tests.mp_worker", 2, ["--mode", "timeout"], timeout_s=240)
     code, out = results[0]
     assert "timeout test ok" in out, out[:3000]
     assert code == 0, out[-3000:]

@@ -8,7 +8,8 @@ import pytest
 from jax.sharding import Mesh
 
 from tests import cuda_padded_checks as checks
-from tests import harness, mp_launch
+from tests import harness
+from jax_ep import local_world
 
 
 def one_gpu_mesh() -> Mesh:
@@ -83,7 +84,7 @@ def test_one_gpu_padded_equals_reference_backend(case):
 @pytest.mark.gpu
 @pytest.mark.parametrize("world", [2, 4, 8])
 def test_processes_sharing_the_gpu_padded(world):
-    results = mp_launch.launch("tests.mp_worker", world, ["--mode", "padded"], timeout_s=540)
+    results = local_world.launch("tests.mp_worker", world, ["--mode", "padded"], timeout_s=540)
     for rank, (code, out) in enumerate(results):
         assert code == 0, f"rank {rank} exited {code}:\n{out[-4000:]}"
         assert "padded scan_20_rounds ok" in out

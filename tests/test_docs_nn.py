@@ -25,3 +25,20 @@ def test_doc_example_runs(index):
                                                      "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-3000:]
     assert re.search(r"loss \d+\.\d+ -> \d+\.\d+", out.stdout), out.stdout
+
+
+def test_doc_describes_every_option_and_aux_entry():
+    """Every MoESpec field (the layers' arguments), the aux dict's keys and the checkpoint
+    names appear in docs/nn.md."""
+    import dataclasses
+
+    from jax_ep.nn import moe_math
+
+    text = (ROOT / "docs" / "nn.md").read_text()
+    names = [f.name for f in dataclasses.fields(moe_math.MoESpec)]
+    names += ["param_dtype", "router_init", "expert_init", "shared_init", "bias_init",
+              "sow_aux", "return_aux", "update_correction_bias", "partition_specs",
+              "trainable", *moe_math.AUX_KEYS, *moe_math.CHECKPOINT_NAMES]
+    missing = [n for n in names
+               if not any(form in text for form in (f"`{n}", f"{n}=", f".{n}("))]
+    assert not missing, missing

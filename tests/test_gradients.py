@@ -19,7 +19,8 @@ def setup():
     idx, w = harness.random_routing(rng, N, T, K, E, unrouted=0.2)
     x = harness.random_tokens(rng, N, T, H, np.float64).astype(np.float32)
     mesh = harness.make_mesh(N)
-    group = jax_ep.EPGroup(mesh, "expert", jax_ep.EPConfig(num_experts=E, top_k=K),
+    group = jax_ep.EPGroup(mesh, "expert", jax_ep.EPConfig(num_experts=E, top_k=K, max_tokens=T,
+                                                           hidden_size=H, dtype="float32"),
                            backend="reference")
     return group, x, idx, w, rng
 

@@ -35,7 +35,7 @@ def test_matches_oracle(hosts, dtype, capacity):
     rng = np.random.default_rng(len(hosts) + (capacity or 0))
     idx, w = harness.random_routing(rng, n, t, k, e, unrouted=0.15, invalid=0.05)
     x = harness.random_tokens(rng, n, t, h, jnp.dtype(dtype))
-    group = _group(HOSTS[hosts], capacity=capacity)
+    group = _group(HOSTS[hosts], capacity=capacity, max_tokens=t, hidden_size=h, dtype=dtype)
     assert group.backend_name == "hierarchical"
     d, y, yw = harness.dispatch_combine_all(group, x, idx, w)
     want = oracle.dispatch(x, idx, w, e, group.config.capacity_rows(n, t))
@@ -58,7 +58,8 @@ def test_ep_axis_of_2d_mesh():
     rng = np.random.default_rng(3)
     idx, w = harness.random_routing(rng, n * data, t, k, e)
     x = harness.random_tokens(rng, n * data, t, h, np.float32)
-    group = _group([0, 0, 1, 1], n=n, data=data, num_experts=e, top_k=k)
+    group = _group([0, 0, 1, 1], n=n, data=data, num_experts=e, top_k=k, max_tokens=t,
+                   hidden_size=h, dtype="float32")
     d, _, yw = harness.dispatch_combine_all(group, x, idx, w)
     for s in range(data):
         sl = slice(s * n, (s + 1) * n)
@@ -77,7 +78,8 @@ def grad_setup():
     idx, w = harness.random_routing(rng, N, T, K, E, unrouted=0.2)
     x = harness.random_tokens(rng, N, T, H, np.float64).astype(np.float32)
     groups = {b: jax_ep.EPGroup(harness.make_mesh(N), "expert",
-                                jax_ep.EPConfig(num_experts=E, top_k=K), backend=b,
+                                jax_ep.EPConfig(num_experts=E, top_k=K, max_tokens=T,
+                                                hidden_size=H, dtype="float32"), backend=b,
                                 hosts=[0, 0, 1, 1])
               for b in ("hierarchical", "reference")}
     return groups, x, idx, w, rng
@@ -118,7 +120,7 @@ def test_vjp_equals_reference(grad_setup):
 
 def test_backend_selection_and_errors():
     mesh = harness.make_mesh(8)
-    cfg = jax_ep.EPConfig(num_experts=16, top_k=2)
+    cfg = jax_ep.EPConfig(num_experts=16, top_k=2, max_tokens=8, hidden_size=64)
     assert jax_ep.EPGroup(mesh, "expert", cfg, hosts=HOSTS["2x4"]).backend_name == "hierarchical"
     assert jax_ep.EPGroup(mesh, "expert", cfg, hosts=HOSTS["1x8"]).backend_name == "reference"
     assert jax_ep.EPGroup(mesh, "expert", cfg).topology.num_hosts == 1

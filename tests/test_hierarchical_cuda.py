@@ -11,7 +11,8 @@ import pytest
 from jax.sharding import Mesh
 
 import jax_ep
-from tests import cuda_checks, mp_launch
+from tests import cuda_checks
+from jax_ep import local_world
 from tests.test_cuda import needs_several_gpus, num_gpus, one_gpu_mesh
 
 pytestmark = pytest.mark.gpu
@@ -49,7 +50,8 @@ def test_auto_picks_the_cuda_leg_on_gpus():
 
 def test_cuda_leg_needs_buffer_sizes():
     with pytest.raises(ValueError, match="intra_host='xla' needs no sizes"):
-        jax_ep.EPGroup(one_gpu_mesh(), "expert", jax_ep.EPConfig(num_experts=4, top_k=2),
+        jax_ep.EPGroup(one_gpu_mesh(), "expert",
+                       jax_ep.EPConfig(num_experts=4, top_k=2, portable=False),
                        backend="hierarchical")
 
 
@@ -67,7 +69,7 @@ def test_one_process_driving_all_gpus_as_two_hosts(case):
 def test_processes_sharing_the_gpu_as_two_hosts(world):
     """world 2: one rank per host (the intra-host leg stays on one device); world 4: two per
     host (CUDA IPC between a host's processes). Both legs, every case, and a scan."""
-    results = mp_launch.launch("tests.mp_worker", world, ["--mode", "hierarchical"],
+    results = local_world.launch("tests.mp_worker", world, ["--mode", "hierarchical"],
                                timeout_s=540, nccl_host_per_process=True)
     for rank, (code, out) in enumerate(results):
         assert code == 0, f"rank {rank} exited {code}:\n{out[-4000:]}"
@@ -80,7 +82,7 @@ def test_processes_sharing_the_gpu_as_two_hosts(world):
 def test_processes_sharing_the_gpu_2d_mesh():
     """4 processes as a ('data', 'expert') = (2, 2) mesh: one EP group per data slice, for the
     cuda backend and the hierarchical one (2 hosts of one rank, and 1 host of two)."""
-    results = mp_launch.launch("tests.mp_worker", 4, ["--mode", "mesh2d"], timeout_s=300,
+    results = local_world.launch("tests.mp_worker", 4, ["--mode", "mesh2d"], timeout_s=300,
                                nccl_host_per_process=True)
     for rank, (code, out) in enumerate(results):
         assert code == 0, f"rank {rank} exited {code}:\n{out[-4000:]}"

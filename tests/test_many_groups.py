@@ -40,7 +40,7 @@ class GroupSpec:
         return jax_ep.EPConfig(num_experts=self.num_experts, top_k=self.top_k,
                                max_tokens=self.max_tokens, hidden_size=self.hidden,
                                dtype=self.dtype, num_sms=self.num_sms,
-                               low_latency=self.layout == "padded", timeout_s=60.0)
+                               padded_layout=self.layout == "padded", timeout_s=60.0)
 
 
 # "A" then "B" is the sequence that broke A (the layout kernels' shared-memory limit followed
@@ -214,3 +214,20 @@ def test_create_use_close_cycles_return_gpu_memory():
     # Cycle 1 loads kernels and compiles programs; from then on each close gives back every byte
     # (a leak of one buffer per cycle would be 19 buffers here).
     assert abs(free_after[-1] - free_after[1]) < max(buffer // 8, 2**20), free_after
+
+
+def test_dispatch_and_combine_each_take_their_own_sm_budget(reference_results):
+    """num_sms per call: dispatch on 2 SMs, combine on all of them, the same results."""
+    spec = SPECS[0]
+    group = make(spec)
+    try:
+        def fn(x, idx, w):
+            d = jax_ep.dispatch(group, x, idx, w, num_sms=2)
+            out = jax_ep.combine(group, d.x, d.handle, weights=d.weights, num_sms=132)
+            return (d.x, d.weights, d.group_sizes, d.num_dropped, d.scales), out
+
+        got = jax.tree.map(np.asarray, harness.per_rank(group.mesh, fn)(*inputs(spec, 0)))
+        group.check()
+        assert_same_as_reference(got, reference_results[spec.name][0], spec)
+    finally:
+        group.close()

@@ -5,13 +5,13 @@ process; close() waits for the peers. The workers are tests/mh_worker.py."""
 
 import pytest
 
-from tests import mp_launch
+from jax_ep import local_world
 
 CPU_ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
 
 
 def _run(mode: str, world: int = 2, timeout_s: float = 120) -> str:
-    results = mp_launch.launch("tests.mh_worker", world, ["--mode", mode], timeout_s=timeout_s,
+    results = local_world.launch("tests.mh_worker", world, ["--mode", mode], timeout_s=timeout_s,
                                env=CPU_ENV)
     log = "\n".join(f"--- process {i} (exit {rc}) ---\n{out}" for i, (rc, out) in
                     enumerate(results))
@@ -51,7 +51,7 @@ def test_hierarchical_processes_on_gpus():
     import jax
 
     own = len(jax.devices("gpu")) >= 4
-    results = mp_launch.launch("tests.mh_worker", 4, ["--mode", "cases", "--platform", "gpu"],
+    results = local_world.launch("tests.mh_worker", 4, ["--mode", "cases", "--platform", "gpu"],
                                timeout_s=300, one_gpu_each=own, nccl_host_per_process=not own)
     log = "\n".join(f"--- process {i} (exit {rc}) ---\n{out}" for i, (rc, out) in
                     enumerate(results))

@@ -8,14 +8,15 @@ import pytest
 from jax.test_util import check_grads
 
 import jax_ep
-from jax_ep import layout
-from jax_ep.config import sizes_for
+from jax_ep import routing
+from jax_ep.config import shape_for
 from tests import harness, oracle
 
 
-def make_group(num_ranks, num_experts, top_k, max_tokens, data=1, **extra):
+def make_group(num_ranks, num_experts, top_k, max_tokens, data=1, hidden=8, dtype="float32",
+               **extra):
     cfg = jax_ep.EPConfig(num_experts=num_experts, top_k=top_k, max_tokens=max_tokens,
-                          low_latency=True, **extra)
+                          hidden_size=hidden, dtype=dtype, padded_layout=True, **extra)
     return jax_ep.EPGroup(harness.make_mesh(num_ranks, data), "expert", cfg, backend="reference")
 
 
@@ -49,7 +50,7 @@ def check_against_oracle(num_ranks, tokens, top_k, num_experts, max_tokens, dtyp
     elif weights is None:
         weights = rng.random(idx.shape).astype(np.float32)
     x = harness.random_tokens(rng, r, tokens, hidden, dtype)
-    group = make_group(num_ranks, num_experts, top_k, max_tokens, data)
+    group = make_group(num_ranks, num_experts, top_k, max_tokens, data, hidden, dtype)
     d, plain, weighted = run_padded(group, x, idx, weights)
     for s in range(data):
         sl = slice(s * num_ranks, (s + 1) * num_ranks)
@@ -83,14 +84,14 @@ def test_layout_math_matches_oracle_per_rank():
     idx, w = harness.random_routing(rng, n, t, k, e, invalid=0.15)
     idx[:, ::3, 1] = idx[:, ::3, 0]  # repeats
     want = oracle.padded_dispatch(np.zeros((n, t, 1), np.float32), idx, w, e, m)
-    sizes = sizes_for(jax_ep.EPConfig(num_experts=e, top_k=k, max_tokens=m), n, t, 1)
+    sizes = shape_for(jax_ep.EPConfig(num_experts=e, top_k=k, max_tokens=m), n, t, 1)
     for s in range(n):
         slot_expert, slot_pos, counts, repeats = jax.jit(
-            lambda i: layout.padded_slots(i, sizes))(idx[s])
+            lambda i: routing.padded_slots(i, sizes))(idx[s])
         np.testing.assert_array_equal(slot_expert, want.slot_expert[s])
         np.testing.assert_array_equal(slot_pos, want.slot_pos[s])
         np.testing.assert_array_equal(counts.reshape(n, e // n), want.recv_counts[:, :, s])
-    total_repeats = sum(int(np.asarray(jax.jit(lambda i: layout.padded_slots(i, sizes))(
+    total_repeats = sum(int(np.asarray(jax.jit(lambda i: routing.padded_slots(i, sizes))(
         idx[s])[3]).sum()) for s in range(n))
     assert total_repeats == want.num_dropped.sum() > 0
 
@@ -167,7 +168,7 @@ def grad_setup():
     idx, w = harness.random_routing(rng, N, T, K, E, unrouted=0.2)
     idx[:, 0, 1] = idx[:, 0, 0]  # a repeat: not delivered, so no gradient through it
     x = harness.random_tokens(rng, N, T, H, np.float32)
-    return make_group(N, E, K, M), x, idx, w, rng
+    return make_group(N, E, K, M, hidden=H), x, idx, w, rng
 
 
 def test_dispatch_grads_second_order(grad_setup):
@@ -222,16 +223,17 @@ def _dispatch(group, layout_name, t=T, h=H):
         group, a, b, c, layout=layout_name).x)(x, idx, w)
 
 
-def test_padded_needs_low_latency_config():
+def test_padded_needs_padded_layout_config():
     group = jax_ep.EPGroup(harness.make_mesh(N), "expert",
-                           jax_ep.EPConfig(num_experts=E, top_k=K, max_tokens=M),
+                           jax_ep.EPConfig(num_experts=E, top_k=K, max_tokens=M, hidden_size=H,
+                                           dtype="float32"),
                            backend="reference")
-    with pytest.raises(ValueError, match="low_latency=True"):
+    with pytest.raises(ValueError, match="padded_layout=True"):
         _dispatch(group, "padded")
     with pytest.raises(ValueError, match="layout must be one of"):
         _dispatch(group, "ragged")
     with pytest.raises(ValueError, match="needs max_tokens"):
-        jax_ep.EPConfig(num_experts=E, top_k=K, low_latency=True)
+        jax_ep.EPConfig(num_experts=E, top_k=K, padded_layout=True)
 
 
 def test_padded_too_many_tokens(grad_setup):

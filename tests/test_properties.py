@@ -31,7 +31,8 @@ def test_reference_equals_oracle_on_any_routing(case):
     if skew == "hot":
         idx = np.where(rng.random(idx.shape) < 0.7, experts - 1, idx).astype(np.int32)
     x = harness.random_tokens(rng, n, t, 16, np.float32)
-    cfg = jax_ep.EPConfig(num_experts=experts, top_k=k, capacity=capacity)
+    cfg = jax_ep.EPConfig(num_experts=experts, top_k=k, capacity=capacity,
+                          max_tokens=max(t, 1), hidden_size=16, dtype="float32")
     group = jax_ep.EPGroup(harness.make_mesh(n), "expert", cfg, backend="reference")
     d, _, weighted = harness.dispatch_combine_all(group, x, idx, w)
     want = oracle.dispatch(x, idx, w, experts, cfg.capacity_rows(n, t))

@@ -1,4 +1,4 @@
-"""The contract of DESIGN.md on the reference backend, against the numpy oracle."""
+"""The contract of docs/contract.md on the reference backend, against the numpy oracle."""
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,8 @@ def run_case(num_ranks, tokens, top_k, num_experts, dtype=np.float32, hidden=8, 
         weights = rng.random(idx.shape).astype(np.float32)
     x = harness.random_tokens(rng, r, tokens, hidden, dtype)
     mesh = harness.make_mesh(num_ranks, data)
-    cfg = jax_ep.EPConfig(num_experts=num_experts, top_k=top_k, **config)
+    cfg = jax_ep.EPConfig(num_experts=num_experts, top_k=top_k, max_tokens=max(tokens, 1),
+                          hidden_size=hidden, dtype=dtype, **config)
     group = jax_ep.EPGroup(mesh, "expert", cfg, backend="reference")
     d, plain, weighted = harness.dispatch_combine_all(group, x, idx, weights)
     capacity = cfg.capacity_rows(num_ranks, tokens)

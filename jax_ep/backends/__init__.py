@@ -1,4 +1,4 @@
-"""Backends: each computes the same contract (DESIGN.md) with its own data movement.
+"""Backends: each computes the same contract (docs/contract.md) with its own data movement.
 
 A backend implements three per-rank operations, called inside shard_map over the group's axis:
 
@@ -12,4 +12,40 @@ A backend implements three per-rank operations, called inside shard_map over the
          slot_values[t, j] = row_values[r], with r = handle.dest_row[t, j]
 
 Ids outside [0, E) are treated as unrouted by every backend.
+
+The padded layout has operations of the same three shapes over [E_local, N*M, ...] rows and a
+PaddedHandle. Which operations serve each layout is decided once, when the group is made
+(`layout_operations`), and nowhere else.
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+LAYOUTS = ("normal", "padded")
+
+
+class NoDeviceState:
+    """check() and close() of a backend made of XLA collectives only: nothing runs
+    asynchronously that could fail later, nothing to free."""
+
+    def check(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def layout_operations(backend_name: str, backend: Any, axis_name: str) -> dict[str, Any]:
+    """{"normal": ops, "padded": ops} of a group whose normal layout `backend` computes."""
+    if backend_name == "cuda":
+        from jax_ep.backends.cuda import CudaPaddedOps
+
+        padded: Any = CudaPaddedOps(backend)
+    else:
+        # reference, and hierarchical: pure-JAX collectives over the whole EP axis, correct
+        # across hosts (the hierarchical backend has no padded-layout leg of its own yet).
+        from jax_ep.backends.reference_padded import ReferencePaddedOps
+
+        padded = ReferencePaddedOps(axis_name)
+    return {"normal": backend, "padded": padded}

@@ -14,7 +14,7 @@ Combine runs the legs backwards: each rank sums its rows per (source rank, token
 the forwarder sums those of its host, and one float32 partial per (token, host) crosses back.
 
 The intra-host leg is an object with two methods (deliver, collect): the pure-JAX one here, or
-the cuda kernels' (jax_ep/backends/cuda_intra_host.py), which write rows straight into the
+the cuda kernels' (jax_ep/backends/cuda/intra_host.py), which write rows straight into the
 receivers' rows over NVLink (docs/multihost.md).
 """
 
@@ -27,8 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jax_ep import layout
-from jax_ep.config import Sizes
+from jax_ep import routing
+from jax_ep.backends import NoDeviceState
+from jax_ep.config import CallShape
 from jax_ep.topology import Topology
 from jax_ep.types import Handle
 
@@ -54,22 +55,21 @@ class Pool(NamedTuple):
 class IntraHostLeg(Protocol):
     """Moves rows between a host's forwarders and its ranks (both directions)."""
 
-    name: str
     collect_needs_pool: bool  # collect wants the pool's routing (Pool with x, values None)
 
-    def deliver(self, pool: Pool, num_recv: jax.Array, sizes: Sizes):
+    def deliver(self, pool: Pool, num_recv: jax.Array, sizes: CallShape):
         """Forwarder pools -> per receiving rank (rows [C, H] | None, row_values [C] | None,
         row_src [C]) in the flat contract's layout (rows past num_recv, the receiver's row
         count, are zero, row_src -1)."""
 
     def collect(self, rows, row_scale, row_values, handle: Handle, pool: Pool | None,
-                sizes: Sizes):
+                sizes: CallShape):
         """Receivers' rows -> per forwarder (pool_sum [P, H] f32 | None: the sum over this
         host's rows of each pool token's slots, in a fixed order, of f32(row_scale) *
         f32(rows); pool_values [P, k] f32 | None: each slot's row value; slots not on this
         host are ignored by the caller)."""
 
-    def check_row_layout(self, op: str, hidden: int, dtype) -> None: ...
+    def check_row_width(self, op: str, hidden: int, dtype) -> None: ...
 
     def check(self) -> None: ...
 
@@ -85,14 +85,13 @@ def _all_to_all(x: jax.Array, axis_name: str, groups: list[list[int]]) -> jax.Ar
                           axis_index_groups=None if len(groups) == 1 else groups)
 
 
-class XlaIntraHostLeg:
+class XlaIntraHostLeg(NoDeviceState):
     """The intra-host leg in pure JAX: a grouped all_to_all over the ranks of each host.
 
     Each forwarder sends a rank of its host the pool tokens with a slot there, compacted in pool
     order into a chunk of min(P, C) tokens (a rank receives at most C rows, so at most C tokens
     from one forwarder), with each token's source id and the dest_row of its slots there."""
 
-    name = "xla"
     collect_needs_pool = False
 
     def __init__(self, axis_name: str, topo: Topology):
@@ -101,14 +100,8 @@ class XlaIntraHostLeg:
         self.groups = topo.intra_groups()
         self.rank_at = topo.rank_at()
 
-    def check_row_layout(self, op: str, hidden: int, dtype) -> None:
+    def check_row_width(self, op: str, hidden: int, dtype) -> None:
         """Any hidden size and supported dtype works."""
-
-    def check(self) -> None:
-        """Nothing runs asynchronously that could fail later."""
-
-    def close(self) -> None:
-        """Nothing to free."""
 
     def _a2a(self, x):
         return _all_to_all(x, self.axis_name, self.groups)
@@ -118,7 +111,7 @@ class XlaIntraHostLeg:
         return (jnp.asarray(self.topo.host_of, jnp.int32)[me],
                 jnp.asarray(self.topo.local_of, jnp.int32)[me])
 
-    def deliver(self, pool: Pool, num_recv, sizes: Sizes):
+    def deliver(self, pool: Pool, num_recv, sizes: CallShape):
         t, k, c = sizes.num_tokens, sizes.top_k, sizes.capacity
         num_local = self.topo.ranks_per_host
         p = self.topo.num_hosts * t
@@ -151,7 +144,7 @@ class XlaIntraHostLeg:
             values = jnp.where(has_row, got[slot], jnp.zeros((), got.dtype))
         return rows, values, row_src
 
-    def collect(self, rows, row_scale, row_values, handle: Handle, pool, sizes: Sizes):
+    def collect(self, rows, row_scale, row_values, handle: Handle, pool, sizes: CallShape):
         n, t, k, c = sizes.num_ranks, sizes.num_tokens, sizes.top_k, sizes.capacity
         num_local = self.topo.ranks_per_host
         p = self.topo.num_hosts * t
@@ -202,8 +195,6 @@ class XlaIntraHostLeg:
 class HierarchicalBackend:
     """Two-leg dispatch/combine over `topo`'s hosts; see the module docstring."""
 
-    name = "hierarchical"
-
     def __init__(self, axis_name: str, topo: Topology, intra: IntraHostLeg | None = None):
         topo.check_uniform("EPGroup(backend='hierarchical')")
         self.axis_name = axis_name
@@ -211,8 +202,8 @@ class HierarchicalBackend:
         self.inter_groups = topo.inter_groups()
         self.intra = intra if intra is not None else XlaIntraHostLeg(axis_name, topo)
 
-    def check_row_layout(self, op: str, hidden: int, dtype) -> None:
-        self.intra.check_row_layout(op, hidden, dtype)
+    def check_row_width(self, op: str, hidden: int, dtype) -> None:
+        self.intra.check_row_width(op, hidden, dtype)
 
     def check(self) -> None:
         self.intra.check()
@@ -257,13 +248,13 @@ class HierarchicalBackend:
         return jnp.stack([jnp.where(on_host, dest_rank[None], -1),
                           jnp.where(on_host, dest_row[None], -1)], axis=-1)
 
-    def _pool_routing(self, dest_rank, dest_row, sizes: Sizes) -> Pool:
+    def _pool_routing(self, dest_rank, dest_row, sizes: CallShape) -> Pool:
         """The forwarder's pool routing alone (combine's, for a leg that collects by it)."""
         meta = self._inter(self._routing_out(dest_rank, dest_row))
         meta = meta.reshape(self.topo.num_hosts * sizes.num_tokens, sizes.top_k, 2)
         return Pool(None, None, meta[..., 0], meta[..., 1])
 
-    def _forward(self, x, slot_values, dest_rank, dest_row, num_recv, sizes: Sizes):
+    def _forward(self, x, slot_values, dest_rank, dest_row, num_recv, sizes: CallShape):
         nh, t, k = self.topo.num_hosts, sizes.num_tokens, sizes.top_k
         p = nh * t
         parts = [self._routing_out(dest_rank, dest_row)]
@@ -278,24 +269,24 @@ class HierarchicalBackend:
                     meta[..., 0], meta[..., 1])
         return self.intra.deliver(pool, num_recv, sizes)
 
-    def dispatch(self, x, topk_idx, topk_weights, sizes: Sizes):
-        dest_rank, dest_row, group_sizes, num_recv, num_dropped = layout.route(
+    def dispatch(self, x, topk_idx, topk_weights, sizes: CallShape):
+        dest_rank, dest_row, group_sizes, num_recv, num_dropped = routing.route(
             topk_idx, self.axis_name, sizes)
         rows, row_weights, row_src = self._forward(x, topk_weights, dest_rank, dest_row, num_recv,
                                                    sizes)
         handle = Handle(dest_rank=dest_rank, dest_row=dest_row, row_src=row_src,
                         num_recv=num_recv)
-        num_invalid = layout.count_invalid(topk_idx, sizes.num_experts)
+        num_invalid = routing.count_invalid(topk_idx, sizes.num_experts)
         return rows, row_weights, group_sizes, num_dropped, handle, num_invalid
 
-    def redispatch(self, x, slot_values, handle: Handle, sizes: Sizes):
+    def redispatch(self, x, slot_values, handle: Handle, sizes: CallShape):
         rows, values, _ = self._forward(x, slot_values, handle.dest_rank, handle.dest_row,
                                         handle.num_recv, sizes)
         return rows, values
 
     # --- backward: receiver -> forwarder -> source -----------------------------------------------
 
-    def combine(self, rows, row_scale, row_values, handle: Handle, sizes: Sizes):
+    def combine(self, rows, row_scale, row_values, handle: Handle, sizes: CallShape):
         nh, t = self.topo.num_hosts, sizes.num_tokens
         pool = (self._pool_routing(handle.dest_rank, handle.dest_row, sizes)
                 if self.intra.collect_needs_pool else None)

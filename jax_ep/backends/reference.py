@@ -11,25 +11,20 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_ep import layout
-from jax_ep.config import Sizes
+from jax_ep import routing
+from jax_ep.backends import NoDeviceState
+from jax_ep.config import CallShape
 from jax_ep.types import Handle
 
 
-class ReferenceBackend:
-    name = "reference"
+class ReferenceBackend(NoDeviceState):
 
     def __init__(self, axis_name: str):
         self.axis_name = axis_name
 
-    def check_row_layout(self, op: str, hidden: int, dtype) -> None:
-        """Any hidden size and supported dtype works here."""
-
-    def check(self) -> None:
-        """Nothing runs asynchronously that could fail later."""
-
-    def close(self) -> None:
-        """Nothing to free."""
+    def check_row_width(self, op: str, hidden: int, dtype) -> None:
+        """Any hidden size and supported dtype works here; EPConfig.portable (checked in
+        jax_ep/validation.py for every backend) holds calls to the cuda kernels' rows."""
 
     # --- streams: [S, ...] per-slot values <-> [N, S, ...] per-peer exchange ---------------------
 
@@ -54,8 +49,8 @@ class ReferenceBackend:
 
     # --- the three operations --------------------------------------------------------------------
 
-    def dispatch(self, x, topk_idx, topk_weights, sizes: Sizes):
-        dest_rank, dest_row, group_sizes, num_recv, num_dropped = layout.route(
+    def dispatch(self, x, topk_idx, topk_weights, sizes: CallShape):
+        dest_rank, dest_row, group_sizes, num_recv, num_dropped = routing.route(
             topk_idx, self.axis_name, sizes)
 
         # Receivers learn which slot each row holds from a stream of the rows' indices (+ 1, so
@@ -69,10 +64,10 @@ class ReferenceBackend:
         handle = Handle(dest_rank=dest_rank, dest_row=dest_row, row_src=row_src,
                         num_recv=num_recv)
         rows, row_weights = self.redispatch(x, topk_weights, handle, sizes)
-        num_invalid = layout.count_invalid(topk_idx, sizes.num_experts)
+        num_invalid = routing.count_invalid(topk_idx, sizes.num_experts)
         return rows, row_weights, group_sizes, num_dropped, handle, num_invalid
 
-    def redispatch(self, x, slot_values, handle: Handle, sizes: Sizes):
+    def redispatch(self, x, slot_values, handle: Handle, sizes: CallShape):
         dest_rank = handle.dest_rank.reshape(-1)
         rows = row_values = None
         if x is not None:
@@ -85,7 +80,7 @@ class ReferenceBackend:
                 handle.row_src)
         return rows, row_values
 
-    def _return_to_slots(self, row_values: jax.Array, handle: Handle, sizes: Sizes):
+    def _return_to_slots(self, row_values: jax.Array, handle: Handle, sizes: CallShape):
         """Row r's value back to its source slot; [T * k, ...] per slot, zero if not delivered."""
         n, s = sizes.num_ranks, sizes.num_slots
         has = handle.row_src >= 0
@@ -102,12 +97,12 @@ class ReferenceBackend:
         delivered = delivered.reshape(delivered.shape + (1,) * (picked.ndim - 1))
         return jnp.where(delivered, picked, jnp.zeros((), picked.dtype))
 
-    def combine(self, rows, row_scale, row_values, handle: Handle, sizes: Sizes):
+    def combine(self, rows, row_scale, row_values, handle: Handle, sizes: CallShape):
         return sum_slots(lambda v: self._return_to_slots(v, handle, sizes),
                          handle.dest_rank >= 0, rows, row_scale, row_values, sizes)
 
 
-def sum_slots(to_slots, delivered, rows, row_scale, row_values, sizes: Sizes):
+def sum_slots(to_slots, delivered, rows, row_scale, row_values, sizes: CallShape):
     """Combine's arithmetic once rows can be brought back to their slots, for every layout.
 
     to_slots maps per-row values [rows..., ...] to per-slot ones [T * k, ...] (zero where the

@@ -1,7 +1,7 @@
 """The padded (low-latency) layout on the reference backend, in pure JAX collectives.
 
 The same three operations as a backend (see jax_ep/backends/__init__.py), for the padded layout
-of docs/low_latency.md: rows are [E_local, N * M, ...] per rank (M = EPConfig.max_tokens) and the
+of docs/padded_layout.md: rows are [E_local, N * M, ...] per rank (M = EPConfig.max_tokens) and the
 handle is a PaddedHandle. Each rank scatters its slots into a dense [N, E_local, M, ...] block
 (entry d for rank d) and one all_to_all delivers them: E * M rows per rank, as on the GPU.
 """
@@ -12,14 +12,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jax_ep import layout
+from jax_ep import routing
 from jax_ep.backends.reference import sum_slots
-from jax_ep.config import Sizes
+from jax_ep.config import CallShape
 from jax_ep.types import PaddedHandle
 
 
 class ReferencePaddedOps:
-    name = "reference"
 
     def __init__(self, axis_name: str):
         self.axis_name = axis_name
@@ -29,12 +28,12 @@ class ReferencePaddedOps:
         return lax.all_to_all(per_peer, self.axis_name, 0, 0)
 
     @staticmethod
-    def _flat_target(handle: PaddedHandle, sizes: Sizes) -> jax.Array:
+    def _flat_target(handle: PaddedHandle, sizes: CallShape) -> jax.Array:
         """[T * k]: slot -> index (e * M + p) into the [E * M] blocks, -1 if not delivered."""
         e = handle.slot_expert.reshape(-1)
         return jnp.where(e >= 0, e * sizes.slots_per_source + handle.slot_pos.reshape(-1), -1)
 
-    def _to_blocks(self, per_slot: jax.Array, handle: PaddedHandle, sizes: Sizes) -> jax.Array:
+    def _to_blocks(self, per_slot: jax.Array, handle: PaddedHandle, sizes: CallShape) -> jax.Array:
         """[T * k, ...] per slot -> [E_local, N * M, ...] on the experts' ranks."""
         n, el, m = sizes.num_ranks, sizes.experts_per_rank, sizes.slots_per_source
         rest = per_slot.shape[1:]
@@ -45,7 +44,7 @@ class ReferencePaddedOps:
         arrived = self._exchange(blocks.reshape((n, el, m) + rest))  # [N_src, E_local, M, ...]
         return jnp.moveaxis(arrived, 0, 1).reshape((el, n * m) + rest)
 
-    def _from_blocks(self, blocks: jax.Array, handle: PaddedHandle, sizes: Sizes) -> jax.Array:
+    def _from_blocks(self, blocks: jax.Array, handle: PaddedHandle, sizes: CallShape) -> jax.Array:
         """[E_local, N * M, ...] on the experts' ranks -> [T * k, ...] per slot of the source
         (zero where not delivered)."""
         n, el, m = sizes.num_ranks, sizes.experts_per_rank, sizes.slots_per_source
@@ -59,10 +58,10 @@ class ReferencePaddedOps:
 
     # --- the three operations --------------------------------------------------------------------
 
-    def dispatch(self, x, topk_idx, topk_weights, sizes: Sizes, x_scales=None):
+    def dispatch(self, x, topk_idx, topk_weights, sizes: CallShape, x_scales=None):
         """-> (rows, row_weights, group_sizes, num_dropped, handle, scales | None)."""
         n, el = sizes.num_ranks, sizes.experts_per_rank
-        slot_expert, slot_pos, counts, repeats = layout.padded_slots(topk_idx, sizes)
+        slot_expert, slot_pos, counts, repeats = routing.padded_slots(topk_idx, sizes)
         meta = jnp.stack([counts, repeats]).reshape(2, n, el).transpose(1, 0, 2)  # [N_dst, 2, El]
         arrived = self._exchange(meta)  # [N_src, 2, E_local]
         recv_counts = arrived[:, 0].T.astype(jnp.int32)  # [E_local, N]
@@ -75,7 +74,7 @@ class ReferencePaddedOps:
         return rows, row_weights, jnp.sum(recv_counts, axis=1, dtype=jnp.int32), num_dropped, \
             handle, scales
 
-    def redispatch(self, x, slot_values, handle: PaddedHandle, sizes: Sizes):
+    def redispatch(self, x, slot_values, handle: PaddedHandle, sizes: CallShape):
         rows = row_values = None
         if x is not None:
             rows = self._to_blocks(jnp.repeat(x, sizes.top_k, axis=0), handle, sizes)
@@ -83,6 +82,6 @@ class ReferencePaddedOps:
             row_values = self._to_blocks(slot_values.reshape(-1), handle, sizes)
         return rows, row_values
 
-    def combine(self, rows, row_scale, row_values, handle: PaddedHandle, sizes: Sizes):
+    def combine(self, rows, row_scale, row_values, handle: PaddedHandle, sizes: CallShape):
         return sum_slots(lambda v: self._from_blocks(v, handle, sizes), handle.slot_expert >= 0,
                          rows, row_scale, row_values, sizes)

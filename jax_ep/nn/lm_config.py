@@ -24,8 +24,17 @@ class LMConfig:
     capacity_factor: float | None = None
     tie_embeddings: bool = False
     backend: str = "auto"
+    expert_gemm: str = "auto"
 
     def moe_kwargs(self) -> dict:
         """Keyword arguments of the MoE layers (both frameworks)."""
         return dict(shared_ffn=self.shared_ffn, router=self.router,
-                    capacity_factor=self.capacity_factor, backend=self.backend)
+                    capacity_factor=self.capacity_factor, backend=self.backend,
+                    expert_gemm=self.expert_gemm)
+
+
+def sum_block_aux(auxes: list[dict]) -> dict:
+    """The model's aux from its MoE blocks' aux dicts: the load-balancing loss averaged over the
+    blocks (so its scale does not grow with depth), dropped slots summed."""
+    return {"aux_loss": sum(a["aux_loss"] for a in auxes) / len(auxes),
+            "num_dropped": sum(a["num_dropped"] for a in auxes)}

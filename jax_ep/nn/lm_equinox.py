@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 
 from jax_ep.nn._extra import require
 from jax_ep.nn.equinox import MoE
-from jax_ep.nn.lm_config import LMConfig
+from jax_ep.nn.lm_config import LMConfig, sum_block_aux
 from jax_ep.nn.moe_math import MoESpec
 
 eqx = require("equinox", "jax_ep.nn.lm_equinox")
@@ -38,15 +38,16 @@ class Block(eqx.Module):
         self.moe = MoE(cfg.d_model, cfg.ffn, cfg.experts, cfg.top_k, mesh=mesh, key=k_moe,
                        **cfg.moe_kwargs())
 
-    def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict]:
         h = _per_token(self.attn_norm, x)
         x = x + jax.vmap(lambda s: self.attn(s, s, s, mask=mask))(h)
-        y, aux = self.moe(_per_token(self.moe_norm, x))
+        y, aux = self.moe(_per_token(self.moe_norm, x), return_aux=True)
         return x + y, aux
 
 
 class LM(eqx.Module):
-    """tokens [B, S] int32 -> (logits [B, S, vocab] f32, mean aux loss over the blocks)."""
+    """tokens [B, S] int32 -> (logits [B, S, vocab] f32, aux): aux = {"aux_loss": mean
+    load-balancing loss over the blocks, "num_dropped": slots dropped for capacity, summed}."""
 
     embed: jax.Array
     pos: jax.Array
@@ -65,18 +66,18 @@ class LM(eqx.Module):
                      jax.random.normal(k_head, (cfg.d_model, cfg.vocab)) / math.sqrt(cfg.d_model))
         self.d_model = cfg.d_model
 
-    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, dict]:
         seq = tokens.shape[1]
         x = self.embed[tokens] + self.pos[:seq]
         mask = jnp.tril(jnp.ones((seq, seq), bool))
-        aux = jnp.zeros((), jnp.float32)
+        auxes = []
         for block in self.blocks:
             x, block_aux = block(x, mask)
-            aux = aux + block_aux
+            auxes.append(block_aux)
         x = _per_token(self.norm, x)
         if self.head is None:  # embeddings have unit scale: 1/sqrt(d) keeps logits O(1)
-            return x @ self.embed.T / math.sqrt(self.d_model), aux / len(self.blocks)
-        return x @ self.head, aux / len(self.blocks)
+            return x @ self.embed.T / math.sqrt(self.d_model), sum_block_aux(auxes)
+        return x @ self.head, sum_block_aux(auxes)
 
 
 def build(cfg: LMConfig, mesh: Mesh, seed: int) -> tuple[object, Callable, MoESpec]:

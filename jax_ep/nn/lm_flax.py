@@ -6,19 +6,18 @@ import math
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jax_ep.nn._extra import require
 from jax_ep.nn.flax import MoE
-from jax_ep.nn.lm_config import LMConfig
+from jax_ep.nn.lm_config import LMConfig, sum_block_aux
 from jax_ep.nn.moe_math import MoESpec
 
 nnx = require("flax.nnx", "jax_ep.nn.lm_flax")
 
 
 class Block(nnx.Module):
-    """x + attention(norm(x)), then x + MoE(norm(x)); returns (x, aux_loss)."""
+    """x + attention(norm(x)), then x + MoE(norm(x)); returns (x, the MoE's aux dict)."""
 
     def __init__(self, cfg: LMConfig, mesh: Mesh, rngs: nnx.Rngs):
         d = cfg.d_model
@@ -29,14 +28,15 @@ class Block(nnx.Module):
         self.moe = MoE(d, cfg.ffn, cfg.experts, cfg.top_k, mesh=mesh, rngs=rngs,
                        **cfg.moe_kwargs())
 
-    def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, dict]:
         x = x + self.attn(self.attn_norm(x), mask=mask)
-        y, aux = self.moe(self.moe_norm(x))
+        y, aux = self.moe(self.moe_norm(x), return_aux=True)
         return x + y, aux
 
 
 class LM(nnx.Module):
-    """tokens [B, S] int32 -> (logits [B, S, vocab] f32, mean aux loss over the blocks)."""
+    """tokens [B, S] int32 -> (logits [B, S, vocab] f32, aux): aux = {"aux_loss": mean
+    load-balancing loss over the blocks, "num_dropped": slots dropped for capacity, summed}."""
 
     def __init__(self, cfg: LMConfig, mesh: Mesh, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -47,19 +47,19 @@ class LM(nnx.Module):
         self.head = (None if cfg.tie_embeddings else
                      nnx.Linear(cfg.d_model, cfg.vocab, use_bias=False, rngs=rngs))
 
-    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, tokens: jax.Array) -> tuple[jax.Array, dict]:
         x = self.embed(tokens) + self.pos[...][: tokens.shape[1]]
         mask = nnx.make_causal_mask(tokens)
-        aux = jnp.zeros((), jnp.float32)
+        auxes = []
         for block in self.blocks:
             x, block_aux = block(x, mask)
-            aux = aux + block_aux
+            auxes.append(block_aux)
         x = self.norm(x)
         if self.head is None:  # embeddings have unit scale: 1/sqrt(d) keeps logits O(1)
             logits = self.embed.attend(x) / math.sqrt(self.cfg.d_model)
         else:
             logits = self.head(x)
-        return logits, aux / len(self.blocks)
+        return logits, sum_block_aux(auxes)
 
 
 def build(cfg: LMConfig, mesh: Mesh, seed: int) -> tuple[object, Callable, MoESpec]:

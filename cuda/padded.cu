@@ -1,4 +1,5 @@
-// The padded (low-latency) layout: one round trip per call, no count exchange before the data.
+// The padded layout (the low-latency decode format): one round trip per call, no count exchange
+// before the data.
 //
 // Dispatch-kind call (dispatch, and redispatch along a PaddedHandle):
 //   Send (warps own (expert, share) items): the warp scans the source's tokens for its expert,
@@ -18,26 +19,27 @@
 //   atomics: deterministic.
 // Every region is double-buffered by the call's sequence parity: a peer can only be one call of
 // a kind ahead of us (it waits on our words of the call we are in), so it never writes the half
-// we are reading. Sequences live on the device (LowLatencySignal) and are advanced by each
+// we are reading. Sequences live on the device (PaddedSignal) and are advanced by each
 // call's last kernel: CUDA-graph replay behaves like a fresh launch.
 #include <cub/block/block_scan.cuh>
 
+#include "cuda/api.h"
 #include "cuda/device_utils.cuh"
-#include "cuda/lowlat.h"
 #include "cuda/vec16.cuh"
 
 namespace jax_ep {
+namespace padded {
 namespace {
 
 constexpr int kThreads = 1024;
 constexpr int kReduceThreads = 512;
 constexpr int kKindDispatch = 0, kKindCombine = 1;
-// block_counter slots of LowLatencySignal
+// block_counter slots of PaddedSignal
 constexpr int kCounterDispatchRecv = 0, kCounterCombineSend = 1, kCounterCombineReduce = 2;
 
 struct DispatchParams {
   CommEnv env;
-  PaddedShape shape;
+  CallShape shape;
   const int4* x;
   const float* x_scales;
   const int32_t* ids;
@@ -54,7 +56,7 @@ struct DispatchParams {
 
 struct CombineParams {
   CommEnv env;
-  PaddedShape shape;
+  CallShape shape;
   const int4* rows;
   const float* row_scale;
   const float* row_values;
@@ -65,13 +67,13 @@ struct CombineParams {
   float* slot_values;
 };
 
-__device__ __forceinline__ LowLatencySignal* LLSignal(const CommEnv& env) {
-  return At<LowLatencySignal>(env, env.rank, env.layout.ll_signal);
+__device__ __forceinline__ PaddedSignal* OwnPaddedSignal(const CommEnv& env) {
+  return At<PaddedSignal>(env, env.rank, env.map.padded_signal);
 }
 
 // This call's sequence number for a kind: one past the calls the kind has completed.
-__device__ __forceinline__ unsigned long long LLSeq(const CommEnv& env, int kind) {
-  return *reinterpret_cast<volatile unsigned long long*>(&LLSignal(env)->seq[kind]) + 1;
+__device__ __forceinline__ unsigned long long PaddedSeq(const CommEnv& env, int kind) {
+  return *reinterpret_cast<volatile unsigned long long*>(&OwnPaddedSignal(env)->seq[kind]) + 1;
 }
 
 __device__ __forceinline__ unsigned long long CountWord(unsigned long long seq, int rows) {
@@ -90,7 +92,7 @@ __device__ int WaitCount(const CommEnv& env, const unsigned long long* word,
     while (static_cast<unsigned int>((v = LoadAcquireSys(word)) >> 32) != tag) {
       if (Poisoned(env)) return 0;
       if (GlobalTimerNs() - start > env.timeout_ns) {
-        ReportTimeout(env, kPhaseLowLatencyDispatch, peer, seq);
+        ReportTimeout(env, kPhasePaddedDispatch, peer, seq);
         return 0;
       }
       __nanosleep(64);
@@ -163,10 +165,10 @@ __device__ __forceinline__ void WarpCopyChunk(int4* __restrict__ dst, const int4
 
 __global__ void __launch_bounds__(kThreads) DispatchSendKernel(DispatchParams p) {
   const CommEnv& env = p.env;
-  const PaddedShape& s = p.shape;
-  const CommLayout& L = env.layout;
+  const CallShape& s = p.shape;
+  const BufferMap& L = env.map;
   if (Poisoned(env)) return;
-  const unsigned long long seq = LLSeq(env, kKindDispatch);
+  const unsigned long long seq = PaddedSeq(env, kKindDispatch);
   const int half = static_cast<int>(seq & 1);
   const int lane = Lane();
   const int k = s.top_k, n = env.num_ranks, m = s.max_tokens;
@@ -187,16 +189,16 @@ __global__ void __launch_bounds__(kThreads) DispatchSendKernel(DispatchParams p)
   const int chunks = p.x ? (vecs + kChunkVecs - 1) / kChunkVecs : 1;
   // Item (expert e, share g of its rows): G warps per expert when there are enough warps.
   const int shares = NumWarps() / s.num_experts > 1 ? NumWarps() / s.num_experts : 1;
-  unsigned int* counters = At<unsigned int>(env, env.rank, L.ll_expert_counter);
+  unsigned int* counters = At<unsigned int>(env, env.rank, L.padded_expert_counter);
   for (int item = GlobalWarp(); item < s.num_experts * shares; item += NumWarps()) {
     const int e = item / shares, g = item % shares;
     const int d = e / s.experts_local, l = e % s.experts_local;
     const long long pair = static_cast<long long>(l) * n + env.rank;  // (l, this source) on d
     // Our own experts' rows go straight to XLA's output, whose index [l][s][p] is the buffer's.
     const bool self = d == env.rank;
-    int4* rows = self ? p.out_x : At<int4>(env, d, L.ll_disp_rows[half]);
-    float* values = self ? p.out_values : At<float>(env, d, L.ll_disp_w[half]);
-    float* scales = self ? p.out_scales : At<float>(env, d, L.ll_disp_scales[half]);
+    int4* rows = self ? p.out_x : At<int4>(env, d, L.padded_disp_rows[half]);
+    float* values = self ? p.out_values : At<float>(env, d, L.padded_disp_w[half]);
+    float* scales = self ? p.out_scales : At<float>(env, d, L.padded_disp_scales[half]);
     int carry = 0, repeats = 0;
     for (int t0 = 0; t0 < s.tokens; t0 += kWarp) {
       const int t = t0 + lane;
@@ -252,9 +254,9 @@ __global__ void __launch_bounds__(kThreads) DispatchSendKernel(DispatchParams p)
       __threadfence_system();
       if (atomicAdd(&counters[e], 1u) == static_cast<unsigned int>(shares - 1)) {
         counters[e] = 0;
-        At<int32_t>(env, d, L.ll_disp_dups[half])[pair] = repeats;
+        At<int32_t>(env, d, L.padded_disp_dups[half])[pair] = repeats;
         __threadfence_system();
-        StoreReleaseSys(At<unsigned long long>(env, d, L.ll_disp_flag[half]) + pair,
+        StoreReleaseSys(At<unsigned long long>(env, d, L.padded_disp_flag[half]) + pair,
                         CountWord(seq, carry));
       }
     }
@@ -264,18 +266,18 @@ __global__ void __launch_bounds__(kThreads) DispatchSendKernel(DispatchParams p)
 
 __global__ void __launch_bounds__(kThreads) DispatchRecvKernel(DispatchParams p) {
   const CommEnv& env = p.env;
-  const PaddedShape& s = p.shape;
-  const CommLayout& L = env.layout;
-  const unsigned long long seq = LLSeq(env, kKindDispatch);
+  const CallShape& s = p.shape;
+  const BufferMap& L = env.map;
+  const unsigned long long seq = PaddedSeq(env, kKindDispatch);
   const int half = static_cast<int>(seq & 1);
   const int lane = Lane();
   const int n = env.num_ranks, m = s.max_tokens;
   const int vecs = static_cast<int>(s.row_bytes / 16);
   const int sc = s.scale_cols;
-  const unsigned long long* words = At<unsigned long long>(env, env.rank, L.ll_disp_flag[half]);
-  const int4* rows = At<int4>(env, env.rank, L.ll_disp_rows[half]);
-  const float* values = At<float>(env, env.rank, L.ll_disp_w[half]);
-  const float* scales = At<float>(env, env.rank, L.ll_disp_scales[half]);
+  const unsigned long long* words = At<unsigned long long>(env, env.rank, L.padded_disp_flag[half]);
+  const int4* rows = At<int4>(env, env.rank, L.padded_disp_rows[half]);
+  const float* values = At<float>(env, env.rank, L.padded_disp_w[half]);
+  const float* scales = At<float>(env, env.rank, L.padded_disp_scales[half]);
   const bool alive = !Poisoned(env);
 
   // Every block learns every (local expert, source) count: each thread waits on a few count
@@ -319,12 +321,12 @@ __global__ void __launch_bounds__(kThreads) DispatchRecvKernel(DispatchParams p)
     }
   }
 
-  if (LastBlockDone(&LLSignal(env)->block_counter[kCounterDispatchRecv])) {
+  if (LastBlockDone(&OwnPaddedSignal(env)->block_counter[kCounterDispatchRecv])) {
     // Every count word of this call has arrived (or the group is dead): the per-expert sums.
     __shared__ int dropped;
     if (threadIdx.x == 0) dropped = 0;
     __syncthreads();
-    const int32_t* dups = At<int32_t>(env, env.rank, L.ll_disp_dups[half]);
+    const int32_t* dups = At<int32_t>(env, env.rank, L.padded_disp_dups[half]);
     for (int l = threadIdx.x; l < s.experts_local; l += blockDim.x) {
       int sum = 0, drop = 0;
       for (int src = 0; src < n; ++src) {
@@ -340,7 +342,7 @@ __global__ void __launch_bounds__(kThreads) DispatchRecvKernel(DispatchParams p)
     __syncthreads();
     if (threadIdx.x == 0) {
       if (p.num_dropped) *p.num_dropped = dropped;
-      LLSignal(env)->seq[kKindDispatch] = seq;
+      OwnPaddedSignal(env)->seq[kKindDispatch] = seq;
     }
   }
 }
@@ -349,9 +351,9 @@ __global__ void __launch_bounds__(kThreads) DispatchRecvKernel(DispatchParams p)
 
 __global__ void __launch_bounds__(kThreads) CombineSendKernel(CombineParams p) {
   const CommEnv& env = p.env;
-  const PaddedShape& s = p.shape;
-  const CommLayout& L = env.layout;
-  const unsigned long long seq = LLSeq(env, kKindCombine);
+  const CallShape& s = p.shape;
+  const BufferMap& L = env.map;
+  const unsigned long long seq = PaddedSeq(env, kKindCombine);
   const int half = static_cast<int>(seq & 1);
   const int lane = Lane();
   const int n = env.num_ranks, m = s.max_tokens;
@@ -374,19 +376,19 @@ __global__ void __launch_bounds__(kThreads) CombineSendKernel(CombineParams p) {
       const long long r = static_cast<long long>(pair) * m + pos;
       const long long slot = static_cast<long long>(env.rank * s.experts_local + l) * m + pos;
       if (p.rows) {
-        WarpCopyChunk<false>(At<int4>(env, src, L.ll_comb_rows[half]) + slot * vecs,
+        WarpCopyChunk<false>(At<int4>(env, src, L.padded_comb_rows[half]) + slot * vecs,
                              p.rows + r * vecs, c, vecs, lane);
       }
       if (c == 0 && lane == 0) {
-        if (p.row_scale) At<float>(env, src, L.ll_comb_scale[half])[slot] = p.row_scale[r];
-        if (p.row_values) At<float>(env, src, L.ll_comb_value[half])[slot] = p.row_values[r];
+        if (p.row_scale) At<float>(env, src, L.padded_comb_scale[half])[slot] = p.row_scale[r];
+        if (p.row_values) At<float>(env, src, L.padded_comb_value[half])[slot] = p.row_values[r];
       }
     }
   }
-  if (LastBlockDone(&LLSignal(env)->block_counter[kCounterCombineSend])) {
+  if (LastBlockDone(&OwnPaddedSignal(env)->block_counter[kCounterCombineSend])) {
     const int d = threadIdx.x;
     if (d < n && d != env.rank) {
-      StoreReleaseSys(At<unsigned long long>(env, d, L.ll_comb_flag[half]) + env.rank, seq);
+      StoreReleaseSys(At<unsigned long long>(env, d, L.padded_comb_flag[half]) + env.rank, seq);
     }
   }
 }
@@ -399,18 +401,19 @@ template <typename T>
 __global__ void __launch_bounds__(kReduceThreads) CombineReduceKernel(CombineParams p) {
   using V = Vec16F32<T>;
   const CommEnv& env = p.env;
-  const PaddedShape& s = p.shape;
-  const CommLayout& L = env.layout;
-  const unsigned long long seq = LLSeq(env, kKindCombine);
+  const CallShape& s = p.shape;
+  const BufferMap& L = env.map;
+  const unsigned long long seq = PaddedSeq(env, kKindCombine);
   const int half = static_cast<int>(seq & 1);
   const int lane = Lane();
   const int k = s.top_k, m = s.max_tokens;
   const int vecs = static_cast<int>(s.row_bytes / 16);
-  const bool ok = BlockWaitPeers(env, At<unsigned long long>(env, env.rank, L.ll_comb_flag[half]),
-                                 seq, kPhaseLowLatencyCombine);
-  const int4* rows = At<int4>(env, env.rank, L.ll_comb_rows[half]);
-  const float* scales = At<float>(env, env.rank, L.ll_comb_scale[half]);
-  const float* values = At<float>(env, env.rank, L.ll_comb_value[half]);
+  const bool ok = BlockWaitPeers(
+      env, At<unsigned long long>(env, env.rank, L.padded_comb_flag[half]), seq,
+      kPhasePaddedCombine);
+  const int4* rows = At<int4>(env, env.rank, L.padded_comb_rows[half]);
+  const float* scales = At<float>(env, env.rank, L.padded_comb_scale[half]);
+  const float* values = At<float>(env, env.rank, L.padded_comb_value[half]);
   const int segments = p.out ? (vecs + kSegVecs - 1) / kSegVecs : 1;
 
   for (int item = ok ? GlobalWarp() : s.tokens * segments; item < s.tokens * segments;
@@ -455,36 +458,35 @@ __global__ void __launch_bounds__(kReduceThreads) CombineReduceKernel(CombinePar
       if (v < vecs) dst[v] = V::Store(acc[u]);
     }
   }
-  if (LastBlockDone(&LLSignal(env)->block_counter[kCounterCombineReduce]) && threadIdx.x == 0) {
-    LLSignal(env)->seq[kKindCombine] = seq;
+  PaddedSignal* own = OwnPaddedSignal(env);
+  if (LastBlockDone(&own->block_counter[kCounterCombineReduce]) && threadIdx.x == 0) {
+    own->seq[kKindCombine] = seq;
   }
 }
 
-int Blocks(const PaddedShape& s) { return s.num_blocks > 0 ? s.num_blocks : 1; }
-
 template <typename T>
 cudaError_t LaunchReduce(const CombineParams& p, cudaStream_t stream) {
-  CombineReduceKernel<T><<<Blocks(p.shape), kReduceThreads, 0, stream>>>(p);
+  CombineReduceKernel<T><<<p.shape.num_sms, kReduceThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t LaunchPaddedDispatch(const PaddedDispatchArgs& a, cudaStream_t stream) {
-  if (a.env.layout.ll_max_tokens <= 0) return cudaErrorInvalidValue;
+cudaError_t LaunchDispatch(const DispatchArgs& a, cudaStream_t stream) {
+  if (a.env.map.padded_max_tokens <= 0) return cudaErrorInvalidValue;
   DispatchParams p{a.env, a.shape, static_cast<const int4*>(a.x), a.x_scales, a.ids,
                    a.slot_values, static_cast<int4*>(a.out_x), a.out_values, a.out_scales,
                    a.recv_counts, a.group_sizes, a.num_dropped, a.slot_expert, a.slot_pos};
-  DispatchSendKernel<<<Blocks(a.shape), kThreads, 0, stream>>>(p);
+  DispatchSendKernel<<<a.shape.num_sms, kThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const size_t starts_bytes = sizeof(int) * (a.shape.experts_local * a.env.num_ranks + 1);
-  DispatchRecvKernel<<<Blocks(a.shape), kThreads, starts_bytes, stream>>>(p);
+  DispatchRecvKernel<<<a.shape.num_sms, kThreads, starts_bytes, stream>>>(p);
   return cudaGetLastError();
 }
 
-cudaError_t LaunchPaddedCombine(const PaddedCombineArgs& a, cudaStream_t stream) {
-  if (a.env.layout.ll_max_tokens <= 0) return cudaErrorInvalidValue;
+cudaError_t LaunchCombine(const CombineArgs& a, cudaStream_t stream) {
+  if (a.env.map.padded_max_tokens <= 0) return cudaErrorInvalidValue;
   CombineParams p{a.env, a.shape, static_cast<const int4*>(a.rows), a.row_scale, a.row_values,
                   a.recv_counts, a.slot_expert, a.slot_pos, static_cast<int4*>(a.out),
                   a.slot_values};
@@ -492,7 +494,7 @@ cudaError_t LaunchPaddedCombine(const PaddedCombineArgs& a, cudaStream_t stream)
   // to raise: the reduce kernel alone makes the call.
   if (a.env.num_ranks > 1) {
     const size_t starts_bytes = sizeof(int) * (a.shape.experts_local * a.env.num_ranks + 1);
-    CombineSendKernel<<<Blocks(a.shape), kThreads, starts_bytes, stream>>>(p);
+    CombineSendKernel<<<a.shape.num_sms, kThreads, starts_bytes, stream>>>(p);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -504,4 +506,5 @@ cudaError_t LaunchPaddedCombine(const PaddedCombineArgs& a, cudaStream_t stream)
   return cudaErrorInvalidValue;
 }
 
+}  // namespace padded
 }  // namespace jax_ep

@@ -1,35 +1,40 @@
-// The layout of DESIGN.md on the device (the same math as jax_ep/layout.py):
-//   LayoutChunksKernel:   per chunk of 256 slots, each slot's rank among earlier slots of the
-//                         chunk with the same expert, and the chunk's per-expert histogram.
-//   DispatchNotifyKernel: chunk bases and this rank's per-expert counts; the count exchange
-//                         (each rank writes its counts into every peer's matrix row); then,
-//                         from the full matrix, the row where this rank's slots of each expert
-//                         start on their destination, and this rank's receive sizes.
+// The routing of docs/contract.md ("Row order and the routing math") on the device, the same
+// math as jax_ep/routing.py:
+//   RoutingChunksKernel: per chunk of 256 slots, each slot's rank among earlier slots of the
+//                        chunk with the same expert, and the chunk's per-expert histogram.
+//   RoutingNotifyKernel: chunk bases and this rank's per-expert counts; the count exchange
+//                        (each rank writes its counts into every peer's matrix row); then,
+//                        from the full matrix, the row where this rank's slots of each expert
+//                        start on their destination, and this rank's receive sizes.
 #include <cub/block/block_scan.cuh>
 
+#include "cuda/api.h"
 #include "cuda/device_utils.cuh"
-#include "cuda/layout_kernels.cuh"
 
 namespace jax_ep {
+namespace routing {
+namespace {
 
-// Up to this many chunks (kLayoutChunk slots each), chunk bases are scanned serially per expert.
+constexpr int kNotifyThreads = 1024;
+
+// Up to this many chunks (kRoutingChunk slots each), chunk bases are scanned serially per expert.
 constexpr int kSerialScanChunks = 8;
 
-// The layout of one chunk of kLayoutChunk slots, by a group of kLayoutChunk threads (`tid` is
+// The routing of one chunk of kRoutingChunk slots, by a group of kRoutingChunk threads (`tid` is
 // the thread's index in the group, its slot in the chunk). warp_counts: the group's shared
-// scratch [kLayoutChunk / 32][E]. Every thread of the block must call this the same number of
+// scratch [kRoutingChunk / 32][E]. Every thread of the block must call this the same number of
 // times: it synchronises the block. Returns, to every thread, how many ids the block's chunks
 // of this call hold outside [-1, E) (counted as -1, reported as num_invalid).
-__device__ inline int ChunkLayout(const int32_t* __restrict__ topk_idx, int num_slots, int e_all,
+__device__ inline int ChunkRouting(const int32_t* __restrict__ topk_idx, int num_slots, int e_all,
                                    int chunk, int num_chunks, int tid,
                                    int32_t* __restrict__ warp_counts,
                                    int32_t* __restrict__ local_rank,
                                    int32_t* __restrict__ chunk_hist) {
-  constexpr int kWarps = kLayoutChunk / kWarp;
-  for (int i = tid; i < kWarps * e_all; i += kLayoutChunk) warp_counts[i] = 0;
+  constexpr int kWarps = kRoutingChunk / kWarp;
+  for (int i = tid; i < kWarps * e_all; i += kRoutingChunk) warp_counts[i] = 0;
   __syncthreads();
 
-  const int f = chunk * kLayoutChunk + tid;
+  const int f = chunk * kRoutingChunk + tid;
   int e = e_all;  // the "unrouted" key: ids outside [0, E) count as -1
   bool invalid = false;
   if (chunk < num_chunks && f < num_slots) {
@@ -49,7 +54,7 @@ __device__ inline int ChunkLayout(const int32_t* __restrict__ topk_idx, int num_
     local_rank[f] = r;
   }
   if (chunk < num_chunks) {
-    for (int i = tid; i < e_all; i += kLayoutChunk) {
+    for (int i = tid; i < e_all; i += kRoutingChunk) {
       int s = 0;
 #pragma unroll
       for (int w = 0; w < kWarps; ++w) s += warp_counts[w * e_all + i];
@@ -59,22 +64,22 @@ __device__ inline int ChunkLayout(const int32_t* __restrict__ topk_idx, int num_
   return block_invalid;
 }
 
-__global__ void __launch_bounds__(kLayoutChunk)
-    LayoutChunksKernel(const int32_t* __restrict__ topk_idx, int num_slots, int num_experts,
-                       int32_t* __restrict__ local_rank, int32_t* __restrict__ chunk_hist,
-                       unsigned int* __restrict__ invalid_slots) {
-  extern __shared__ int32_t warp_counts[];  // [kLayoutChunk / 32][E]
-  const int invalid = ChunkLayout(topk_idx, num_slots, num_experts, blockIdx.x, gridDim.x,
-                                  threadIdx.x, warp_counts, local_rank, chunk_hist);
+__global__ void __launch_bounds__(kRoutingChunk)
+    RoutingChunksKernel(const int32_t* __restrict__ topk_idx, int num_slots, int num_experts,
+                        int32_t* __restrict__ local_rank, int32_t* __restrict__ chunk_hist,
+                        unsigned int* __restrict__ invalid_slots) {
+  extern __shared__ int32_t warp_counts[];  // [kRoutingChunk / 32][E]
+  const int invalid = ChunkRouting(topk_idx, num_slots, num_experts, blockIdx.x, gridDim.x,
+                                   threadIdx.x, warp_counts, local_rank, chunk_hist);
   if (threadIdx.x == 0 && invalid) atomicAdd(invalid_slots, static_cast<unsigned int>(invalid));
 }
 
 __global__ void __launch_bounds__(kNotifyThreads)
-    DispatchNotifyKernel(CommEnv env, const int32_t* __restrict__ fused_topk_idx, int num_slots,
-                         int num_chunks, int num_experts, int experts_local,
-                         long long capacity, int32_t* __restrict__ group_sizes,
-                         int32_t* __restrict__ num_dropped, int32_t* __restrict__ num_recv,
-                         int32_t* __restrict__ num_invalid) {
+    RoutingNotifyKernel(CommEnv env, const int32_t* __restrict__ fused_topk_idx, int num_slots,
+                        int num_chunks, int num_experts, int experts_local,
+                        long long capacity, int32_t* __restrict__ group_sizes,
+                        int32_t* __restrict__ num_dropped, int32_t* __restrict__ num_recv,
+                        int32_t* __restrict__ num_invalid) {
   using Scan = cub::BlockScan<int, kNotifyThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   __shared__ unsigned long long seq_shared;
@@ -88,20 +93,20 @@ __global__ void __launch_bounds__(kNotifyThreads)
   if (threadIdx.x == 0) seq_shared = ++me->seq;
   __syncthreads();
   const unsigned long long seq = seq_shared;
-  const CommLayout& L = env.layout;
+  const BufferMap& L = env.map;
   const int32_t* hist = At<int32_t>(env, env.rank, L.chunk_hist);
   int32_t* chunk_base = At<int32_t>(env, env.rank, L.chunk_base);
 
   if (fused_topk_idx) {
-    // Few chunks: the chunk pass runs here, kNotifyThreads / kLayoutChunk chunks at a time, in
+    // Few chunks: the chunk pass runs here, kNotifyThreads / kRoutingChunk chunks at a time, in
     // the shared memory past the notify arrays, instead of in a kernel launch of its own.
-    constexpr int kGroups = kNotifyThreads / kLayoutChunk;
-    const int group = threadIdx.x / kLayoutChunk;
-    int32_t* warp_counts = smem + 3 * e_all + group * (kLayoutChunk / kWarp) * e_all;
+    constexpr int kGroups = kNotifyThreads / kRoutingChunk;
+    const int group = threadIdx.x / kRoutingChunk;
+    int32_t* warp_counts = smem + 3 * e_all + group * (kRoutingChunk / kWarp) * e_all;
     int invalid = 0;
     for (int c0 = 0; c0 < num_chunks; c0 += kGroups) {
-      invalid += ChunkLayout(fused_topk_idx, num_slots, e_all, c0 + group, num_chunks,
-                  threadIdx.x % kLayoutChunk, warp_counts,
+      invalid += ChunkRouting(fused_topk_idx, num_slots, e_all, c0 + group, num_chunks,
+                  threadIdx.x % kRoutingChunk, warp_counts,
                   At<int32_t>(env, env.rank, L.local_rank), At<int32_t>(env, env.rank, L.chunk_hist));
       __syncthreads();  // the groups' shared scratch is reused by the next round
     }
@@ -234,24 +239,20 @@ __global__ void __launch_bounds__(kNotifyThreads)
   }
 }
 
-}  // namespace jax_ep
-
-namespace jax_ep {
-
-namespace {
-size_t ChunkSmem(int num_experts) { return sizeof(int32_t) * (kLayoutChunk / kWarp) * num_experts; }
+size_t ChunkSmem(int num_experts) { return sizeof(int32_t) * (kRoutingChunk / kWarp) * num_experts; }
 size_t NotifySmem(int num_experts) { return sizeof(int32_t) * 3 * num_experts; }
 // The notify kernel with the chunk pass fused in: its arrays plus one chunk scratch per group.
 size_t FusedNotifySmem(int num_experts) {
-  return NotifySmem(num_experts) + (kNotifyThreads / kLayoutChunk) * ChunkSmem(num_experts);
+  return NotifySmem(num_experts) + (kNotifyThreads / kRoutingChunk) * ChunkSmem(num_experts);
 }
 constexpr size_t kFusedSmemLimit = 64 * 1024;  // E up to 455: decode-sized MoEs
 bool CanFuse(int chunks, int num_experts) {
   return chunks <= kSerialScanChunks && FusedNotifySmem(num_experts) <= kFusedSmemLimit;
 }
+
 }  // namespace
 
-size_t LayoutSmemBytes(int num_experts) {
+size_t RoutingSmemBytes(int num_experts) {
   const size_t notify = CanFuse(1, num_experts) ? FusedNotifySmem(num_experts) : NotifySmem(num_experts);
   return ChunkSmem(num_experts) > notify ? ChunkSmem(num_experts) : notify;
 }
@@ -260,8 +261,8 @@ size_t LayoutSmemBytes(int num_experts) {
 // the largest supported E needs (clamped to the device's opt-in maximum), never to one group's E,
 // so creating a group with fewer experts cannot lower the limit below what an older group's
 // launches use. A group whose E needs more than the device allows is refused at creation
-// (LayoutSmemBytes against cudaDevAttrMaxSharedMemoryPerBlockOptin).
-cudaError_t PrepareLayoutKernels() {
+// (RoutingSmemBytes against cudaDevAttrMaxSharedMemoryPerBlockOptin).
+cudaError_t PrepareRoutingKernels() {
   int device = 0, optin = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
@@ -272,35 +273,36 @@ cudaError_t PrepareLayoutKernels() {
   const size_t notify_need =
       kFusedSmemLimit > NotifySmem(kMaxExperts) ? kFusedSmemLimit : NotifySmem(kMaxExperts);
   const size_t notify = notify_need < cap ? notify_need : cap;
-  err = cudaFuncSetAttribute(LayoutChunksKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  err = cudaFuncSetAttribute(RoutingChunksKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(chunk));
   if (err != cudaSuccess) return err;
-  return cudaFuncSetAttribute(DispatchNotifyKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+  return cudaFuncSetAttribute(RoutingNotifyKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                               static_cast<int>(notify));
 }
 
-cudaError_t LaunchLayoutAndNotify(const CommEnv& env, const int32_t* topk_idx, int tokens,
-                                  int top_k, int num_experts, int experts_local,
-                                  long long capacity, int32_t* group_sizes, int32_t* num_dropped,
-                                  int32_t* num_recv, int32_t* num_invalid,
-                                  cudaStream_t stream) {
-  const int slots = tokens * top_k;
-  const int chunks = (slots + kLayoutChunk - 1) / kLayoutChunk;
-  const CommLayout& L = env.layout;
+cudaError_t LaunchRoutingAndNotify(const CommEnv& env, const CallShape& shape,
+                                   const int32_t* topk_idx, int32_t* group_sizes,
+                                   int32_t* num_dropped, int32_t* num_recv, int32_t* num_invalid,
+                                   cudaStream_t stream) {
+  const int num_experts = shape.num_experts;
+  const int slots = shape.tokens * shape.top_k;
+  const int chunks = (slots + kRoutingChunk - 1) / kRoutingChunk;
+  const BufferMap& L = env.map;
   const bool fuse = chunks > 0 && CanFuse(chunks, num_experts);
   if (chunks > 0 && !fuse) {
-    LayoutChunksKernel<<<chunks, kLayoutChunk, ChunkSmem(num_experts), stream>>>(
+    RoutingChunksKernel<<<chunks, kRoutingChunk, ChunkSmem(num_experts), stream>>>(
         topk_idx, slots, num_experts, reinterpret_cast<int32_t*>(env.base[env.rank] + L.local_rank),
         reinterpret_cast<int32_t*>(env.base[env.rank] + L.chunk_hist),
         &reinterpret_cast<SignalArea*>(env.base[env.rank] + L.signal)->invalid_slots);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  DispatchNotifyKernel<<<1, kNotifyThreads,
-                         fuse ? FusedNotifySmem(num_experts) : NotifySmem(num_experts), stream>>>(
-      env, fuse ? topk_idx : nullptr, slots, chunks, num_experts, experts_local, capacity,
-      group_sizes, num_dropped, num_recv, num_invalid);
+  RoutingNotifyKernel<<<1, kNotifyThreads,
+                        fuse ? FusedNotifySmem(num_experts) : NotifySmem(num_experts), stream>>>(
+      env, fuse ? topk_idx : nullptr, slots, chunks, num_experts, shape.experts_local,
+      shape.capacity, group_sizes, num_dropped, num_recv, num_invalid);
   return cudaGetLastError();
 }
 
+}  // namespace routing
 }  // namespace jax_ep

@@ -1,9 +1,11 @@
-// The barrier that starts redispatch and combine: each rank advances its sequence number, tells
-// every peer, and waits until every peer has told it the same.
+// The barrier that starts a normal redispatch or combine: each rank advances its sequence number,
+// tells every peer, and waits until every peer has told it the same.
+#include "cuda/api.h"
 #include "cuda/device_utils.cuh"
-#include "cuda/layout_kernels.cuh"
 
 namespace jax_ep {
+namespace barrier {
+namespace {
 
 __global__ void __launch_bounds__(kWarp) BarrierKernel(CommEnv env) {
   __shared__ unsigned long long seq_shared;
@@ -16,9 +18,12 @@ __global__ void __launch_bounds__(kWarp) BarrierKernel(CommEnv env) {
   BlockWaitPeers(env, me->notify, seq, kPhaseBarrier);
 }
 
+}  // namespace
+
 cudaError_t LaunchBarrier(const CommEnv& env, cudaStream_t stream) {
   BarrierKernel<<<1, kWarp, 0, stream>>>(env);
   return cudaGetLastError();
 }
 
+}  // namespace barrier
 }  // namespace jax_ep

@@ -1,4 +1,4 @@
-"""The layout math of DESIGN.md, in JAX: where each routed slot lands.
+"""The routing math of docs/contract.md, in JAX: where each routed slot lands.
 
 Per source rank s, with the count matrix M[s', e] (slots of rank s' routed to global expert e,
 gathered from every rank), a slot (t, j) of rank s routed to expert e = d * E_local + l lands on
@@ -13,7 +13,7 @@ rank d at row
 
 which is the row order (local expert, source rank, source token, slot). Rows at or past C are
 dropped: counted on the receiving rank, not delivered. The CUDA kernels compute the same
-quantities (cuda/layout.cu); tests check both against an independent numpy oracle.
+quantities (cuda/routing.cu); tests check both against an independent numpy oracle.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jax_ep.config import Sizes
+from jax_ep.config import CallShape
 
 
 def valid_slots(topk_idx: jax.Array, num_experts: int) -> jax.Array:
@@ -50,7 +50,7 @@ def rank_in_expert(flat_expert: jax.Array, num_experts: int) -> jax.Array:
     return jnp.zeros(n, jnp.int32).at[order].set(ranks_sorted)
 
 
-def row_bases(count_matrix: jax.Array, sizes: Sizes) -> tuple[jax.Array, jax.Array]:
+def row_bases(count_matrix: jax.Array, sizes: CallShape) -> tuple[jax.Array, jax.Array]:
     """From M [N, E]: base [N, E] (first row on rank e // E_local of source s's slots for e) and
     total [N, E_local] (rows sent to each local expert of each rank, before capacity)."""
     n, el = sizes.num_ranks, sizes.experts_per_rank
@@ -74,7 +74,7 @@ def receive_sizes(total: jax.Array, capacity: int) -> tuple[jax.Array, jax.Array
 
 
 def slot_destinations(
-    topk_idx: jax.Array, my_base: jax.Array, sizes: Sizes
+    topk_idx: jax.Array, my_base: jax.Array, sizes: CallShape
 ) -> tuple[jax.Array, jax.Array]:
     """(dest_rank, dest_row), each [T, k] int32, -1 where the slot is not delivered.
 
@@ -91,9 +91,9 @@ def slot_destinations(
     return dest_rank.astype(jnp.int32), jnp.where(delivered, row, -1).astype(jnp.int32)
 
 
-def route(topk_idx: jax.Array, axis_name: str, sizes: Sizes):
-    """The layout of one dispatch on this rank, inside shard_map over `axis_name`: gathers the
-    count matrix M [N, E] (N * E int32 per rank: the only exchange the layout needs) and returns
+def route(topk_idx: jax.Array, axis_name: str, sizes: CallShape):
+    """The routing of one dispatch on this rank, inside shard_map over `axis_name`: gathers the
+    count matrix M [N, E] (N * E int32 per rank: the only exchange the routing needs) and returns
     (dest_rank [T, k], dest_row [T, k], group_sizes [E_local], num_recv [], num_dropped [])."""
     me = jax.lax.axis_index(axis_name)
     flat_expert = jnp.where(
@@ -124,7 +124,7 @@ def repeated_slots(topk_idx: jax.Array, num_experts: int) -> jax.Array:
     return valid & jnp.any(same & earlier[None], axis=-1)
 
 
-def padded_slots(topk_idx: jax.Array, sizes: Sizes):
+def padded_slots(topk_idx: jax.Array, sizes: CallShape):
     """The padded layout of one source rank.
 
     Returns (slot_expert [T, k], slot_pos [T, k], counts [E], repeats [E]), int32: the expert and

@@ -1,11 +1,11 @@
 """The device state behind the cuda kernels: one communication buffer per (rank group, local
-device), mapped by every rank of its group, and the custom-call plumbing that reaches it.
+device), mapped by every rank of its group.
 
 A rank group is a list of devices in rank order: a whole EP slice for the cuda backend, the
 ranks of one host for the hierarchical backend's intra-host leg. Every rank maps its group's
 buffers: by pointer with peer access inside this process, by CUDA IPC handle (exchanged through
-the jax.distributed key-value store) across processes. The custom calls find that state by
-group id and device ordinal; all per-call progress lives on the device.
+the jax.distributed key-value store) across processes. The custom calls (calls.py) find that
+state by group id and device ordinal; all per-call progress lives on the device.
 """
 
 from __future__ import annotations
@@ -13,15 +13,14 @@ from __future__ import annotations
 import base64
 import dataclasses
 import itertools
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_ep import _ext
-from jax_ep._vma import make_varying, varying_axes
-from jax_ep.config import EPConfig, fp8_scale_cols
+from jax_ep import _ext, row_rules
+from jax_ep.config import CallShape, EPConfig, fp8_scale_cols
 from jax_ep.coordination import GroupCoordinator
 from jax_ep.errors import EPRuntimeError
 
@@ -36,47 +35,29 @@ def require_buffer_sizes(config: EPConfig, who: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class BufferLimits:
-    """What every rank's buffer of a state is sized for (cuda/comm_layout.h's CommLimits)."""
+    """What every rank's buffer of a state is sized for (cuda/buffer_map.h's BufferLimits)."""
 
     num_experts: int
     top_k: int
     max_tokens: int      # tokens a rank sends per call
     max_capacity: int    # rows a rank receives per call (C)
     max_row_bytes: int   # EPConfig.hidden_size * itemsize(EPConfig.dtype)
-    num_sms: int
     timeout_s: float
-    padded: dict = dataclasses.field(default_factory=dict)  # padded-layout sizes (low_latency)
+    padded: dict = dataclasses.field(default_factory=dict)  # padded-layout sizes (EPConfig.padded_layout)
 
     @staticmethod
     def of(config: EPConfig, max_tokens: int, max_capacity: int,
            with_padded: bool) -> "BufferLimits":
         padded = {}
-        if with_padded and config.low_latency:
-            padded = dict(ll_max_tokens=config.max_tokens,
-                          ll_scale_cols=fp8_scale_cols(config.hidden_size),
-                          ll_zero_fill=config.padded_zero_fill)
+        if with_padded and config.padded_layout:
+            padded = dict(padded_max_tokens=config.max_tokens,
+                          padded_scale_cols=fp8_scale_cols(config.hidden_size),
+                          padded_zero_fill=config.padded_zero_fill)
         return BufferLimits(
             num_experts=config.num_experts, top_k=config.top_k, max_tokens=max_tokens,
             max_capacity=max_capacity,
             max_row_bytes=config.hidden_size * np.dtype(jnp.dtype(config.dtype)).itemsize,
-            num_sms=config.num_sms, timeout_s=float(config.timeout_s), padded=padded)
-
-
-def check_row_layout(config: EPConfig, op: str, hidden: int, dtype: np.dtype) -> None:
-    """The rows the kernels can move: 16-byte vectors, no wider than the buffers' rows."""
-    row_bytes = hidden * dtype.itemsize
-    if row_bytes % 16:
-        step = 16 // np.gcd(16, dtype.itemsize)
-        raise ValueError(
-            f"jax_ep.{op}: the cuda kernels move rows in 16-byte vectors; H={hidden} in "
-            f"{dtype.name} is {row_bytes} bytes. Use a hidden size that is a multiple of "
-            f"{step} for {dtype.name} (or backend='reference')")
-    max_row_bytes = config.hidden_size * np.dtype(jnp.dtype(config.dtype)).itemsize
-    if row_bytes > max_row_bytes:
-        raise ValueError(
-            f"jax_ep.{op}: rows of {row_bytes} bytes ({hidden} x {dtype.name}) are wider than "
-            f"the buffers (EPConfig.hidden_size={config.hidden_size} x "
-            f"{jnp.dtype(config.dtype).name}); set EPConfig.dtype to the widest dtype you move")
+            timeout_s=float(config.timeout_s), padded=padded)
 
 
 class CudaGroupState:
@@ -95,7 +76,7 @@ class CudaGroupState:
                     self._ext.create_context(
                         self.group_id, dev.local_hardware_id, rank, len(devices),
                         limits.num_experts, limits.top_k, limits.max_tokens, limits.max_capacity,
-                        limits.max_row_bytes, limits.num_sms, limits.timeout_s, **limits.padded)
+                        limits.max_row_bytes, limits.timeout_s, **limits.padded)
                     self._local.append(dev.local_hardware_id)
         try:
             self._connect(groups, coordinator)
@@ -147,12 +128,31 @@ class CudaGroupState:
             self._closed = True
             self._ext.destroy_group(self.group_id)
 
-    def call(self, target: str, out_types: Any, *args: jax.Array) -> list[jax.Array]:
-        """One custom call on these buffers, inside shard_map."""
-        axes = varying_axes(*args)
-        args = [make_varying(a, axes) for a in args]
-        # Not marked side-effecting (that would take JAX off its fast dispatch path): every rank
-        # runs the same compiled program, so whatever XLA drops, merges or reorders, it does the
-        # same on all ranks and the device-side sequence numbers stay in step.
-        outs = jax.ffi.ffi_call(target, out_types)(*args, group_id=np.int64(self.group_id))
-        return [make_varying(o, axes) for o in outs]
+
+class StateOwner:
+    """What the cuda backend and the hierarchical backend's cuda leg have in common: one
+    CudaGroupState (`state`) sized from `config`, which these methods only reach."""
+
+    config: EPConfig
+    state: CudaGroupState
+
+    def check_row_width(self, op: str, hidden: int, dtype: np.dtype) -> None:
+        """The rows the kernels can move (the rule is stated in jax_ep/row_rules.py)."""
+        row_rules.check_row_width(self.config, op, hidden, dtype, on_cuda=True)
+
+    def check(self) -> None:
+        """Raises EPRuntimeError if a kernel of this group reported a timeout."""
+        self.state.check()
+
+    def buffer_bytes(self) -> int:
+        """Bytes of one local device's communication buffer."""
+        return self.state.buffer_bytes()
+
+    def close(self) -> None:
+        self.state.close()
+
+    def call_attrs(self, shape: CallShape) -> dict[str, int]:
+        """The attributes of one custom call on this state (calls.py's group_id, num_sms): the
+        SM budget is the call's own (CallShape.num_sms), so a dispatch and a combine of one
+        group may run with different budgets."""
+        return dict(group_id=self.state.group_id, num_sms=shape.num_sms)

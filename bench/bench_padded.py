@@ -1,8 +1,8 @@
 """Decode latency of the padded (low-latency) layout: dispatch and combine under graph replay.
 
-    python bench/bench_lowlat.py --out bench/out                 # world size 1
-    python bench/bench_lowlat.py --world 8 --out bench/out       # 8 processes sharing the GPU
-    python bench/bench_lowlat.py --world 8 --mps --out bench/out # ... side by side under MPS
+    python bench/bench_padded.py --out bench/out                 # world size 1
+    python bench/bench_padded.py --world 8 --out bench/out       # 8 processes sharing the GPU
+    python bench/bench_padded.py --world 8 --mps --out bench/out # ... side by side under MPS
 
 For each T (tokens per rank; H=7168, k=8, E=256 by default) it times two jitted programs of
 `rounds` rounds unrolled in one lax.scan, which XLA runs as one command buffer (CUDA graph):
@@ -10,7 +10,7 @@ dispatch-only, and dispatch + weighted combine. Per-op time = program time / rou
 (dispatch+combine - dispatch-only) / rounds. Variants: bf16 rows, fp8 rows with their scales
 (--fp8), and the normal layout for comparison (--normal). Each round routes with its own
 top-k (a rotation of 4 input sets). fp8 programs include quantize_fp8 before each dispatch and
-dequantize_fp8 before each combine. Prints a table; writes lowlat[_worldN].json under --out.
+dequantize_fp8 before each combine. Prints a table; writes padded[_worldN].json under --out.
 """
 
 from __future__ import annotations
@@ -47,9 +47,9 @@ def parse_args(argv=None):
 def launch_world(args, argv) -> int:
     """Starts args.world ranks of this script (jax.distributed on 127.0.0.1)."""
     sys.path.insert(0, str(ROOT))
-    from bench import run_world
+    from bench import common
 
-    return run_world.launch("bench.bench_lowlat", args.world, argv, timeout_s=580)
+    return common.launch("bench.bench_padded", args.world, argv, timeout_s=580)
 
 
 def host_inputs(rng, world, t, h, k, e, rounds, sets=4):
@@ -74,7 +74,7 @@ def programs(group, mesh, layout: str, fp8: bool, rounds: int):
     import jax.numpy as jnp
 
     import jax_ep
-    from tests import harness
+    from jax_ep import per_rank
 
     def dispatch(x, i, w):
         if fp8:
@@ -97,14 +97,14 @@ def programs(group, mesh, layout: str, fp8: bool, rounds: int):
             return jax_ep.combine(group, rows, d.handle, weights=d.weights), None
         return jax.lax.scan(step, x0, (idx_r, w_r), unroll=rounds)[0]
 
-    return (harness.per_rank(mesh, only_dispatch), harness.per_rank(mesh, dispatch_combine))
+    return (per_rank.program(mesh, only_dispatch), per_rank.program(mesh, dispatch_combine))
 
 
 def bench_tokens(t, args, mesh, to_global):
     import numpy as np
 
     import jax_ep
-    from bench.bench_ep import span, timed
+    from bench.common import span, timed
 
     world, h, k, e, rounds = args.world, args.hidden, args.top_k, args.experts, args.rounds
     rng = np.random.default_rng(t)
@@ -118,7 +118,7 @@ def bench_tokens(t, args, mesh, to_global):
         if args.normal else [])
     for layout, fp8, zero_fill in variants:
         cfg = jax_ep.EPConfig(num_experts=e, top_k=k, max_tokens=t, hidden_size=h,
-                              num_sms=args.num_sms, low_latency=layout == "padded",
+                              num_sms=args.num_sms, padded_layout=layout == "padded",
                               padded_zero_fill=zero_fill)
         group = jax_ep.EPGroup(mesh, "expert", cfg, backend=args.backend)
         try:
@@ -173,13 +173,13 @@ def main(argv=None) -> int:
     import numpy as np
     from jax.sharding import Mesh
 
-    from tests import cuda_checks
+    from jax_ep import per_rank
 
     args.rank = max(args.rank, 0)
     mesh = Mesh(np.array(jax.devices()[: args.world]), ("expert",))
     rows = []
     for t in (int(v) for v in args.tokens.split(",") if v):
-        rows += bench_tokens(t, args, mesh, lambda a: cuda_checks.to_global(a, mesh))
+        rows += bench_tokens(t, args, mesh, lambda a: per_rank.to_global(a, mesh))
     if args.rank == 0:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -187,13 +187,13 @@ def main(argv=None) -> int:
                     date=time.strftime("%Y-%m-%d"), world=args.world, mps=args.mps,
                     num_sms=args.num_sms, backend=args.backend)
         suffix = f"_world{args.world}" if args.world > 1 else ""
-        (out / f"lowlat{suffix}.json").write_text(json.dumps(dict(meta=meta, rows=rows),
+        (out / f"padded{suffix}.json").write_text(json.dumps(dict(meta=meta, rows=rows),
                                                              indent=1))
         print_table(rows)
     if args.world > 1:
         from jax._src import distributed
 
-        distributed.global_state.client.wait_at_barrier("jax_ep_bench_lowlat_end", 120_000)
+        distributed.global_state.client.wait_at_barrier("jax_ep_bench_padded_end", 120_000)
         jax.distributed.shutdown()
     return 0
 

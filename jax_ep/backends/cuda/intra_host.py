@@ -16,30 +16,22 @@ topology alone (pool entry p = g * T + t holds token t of rank (host g, local in
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jax_ep.backends.cuda import ep_slices
-from jax_ep.backends.cuda_state import (BufferLimits, CudaGroupState, check_row_layout,
+from jax_ep.backends.cuda import calls
+from jax_ep.backends.cuda.state import (BufferLimits, CudaGroupState, StateOwner,
                                         require_buffer_sizes)
-from jax_ep.config import EPConfig, Sizes
+from jax_ep.config import EPConfig, CallShape
 from jax_ep.coordination import GroupCoordinator
-from jax_ep.topology import Topology
+from jax_ep.topology import Topology, ep_slices
 from jax_ep.types import Handle
 
-_i32, _f32 = jnp.int32, jnp.float32
 
-
-def _sds(shape, dtype) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(shape, dtype)
-
-
-class CudaIntraHostLeg:
+class CudaIntraHostLeg(StateOwner):
     """IntraHostLeg (jax_ep/backends/hierarchical.py) over the cuda kernels."""
 
-    name = "cuda"
     collect_needs_pool = True  # combine's routing is the pool's (dest_rank, dest_row)
 
     def __init__(self, mesh: Mesh, axis_name: str, topo: Topology, config: EPConfig,
@@ -62,40 +54,26 @@ class CudaIntraHostLeg:
         self._local_of = np.asarray(topo.local_of, np.int32)
         self._rank_at = rank_at
 
-    def check_row_layout(self, op: str, hidden: int, dtype: np.dtype) -> None:
-        check_row_layout(self.config, op, hidden, dtype)
-
-    def check(self) -> None:
-        self.state.check()
-
-    def close(self) -> None:
-        self.state.close()
-
     def _local(self, dest_rank):
         """Global rank -> local index on its host (-1 stays -1)."""
         return jnp.where(dest_rank >= 0, jnp.asarray(self._local_of)[jnp.maximum(dest_rank, 0)],
                          -1)
 
-    def deliver(self, pool, num_recv, sizes: Sizes):
-        t, k, c = sizes.num_tokens, sizes.top_k, sizes.capacity
+    def deliver(self, pool, num_recv, sizes: CallShape):
+        t, k = sizes.num_tokens, sizes.top_k
         p = self.topo.num_hosts * t
-        x_in = pool.x if pool.x is not None else jnp.zeros((0, 0), _f32)
-        v_in = pool.values if pool.values is not None else jnp.zeros((0, 0), _f32)
-        rows, values, group_src = self.state.call(
-            "jax_ep_redispatch",
-            (_sds((c, x_in.shape[1]) if pool.x is not None else (0, 0), x_in.dtype),
-             _sds((c,) if pool.values is not None else (0,), _f32), _sds((c,), _i32)),
-            x_in, v_in, self._local(pool.dest_rank), pool.dest_row, num_recv)
+        rows, values, group_src = calls.redispatch(
+            pool.x, pool.values, self._local(pool.dest_rank), pool.dest_row, num_recv,
+            capacity=sizes.capacity, with_row_src=True, **self.call_attrs(sizes))
         # l * P * k + p * k + j  ->  s * T * k + t * k + j, s = the rank (p // T, l).
         held = group_src >= 0
         code = jnp.maximum(group_src, 0)
         entry = (code // k) % p
         src = jnp.asarray(self._rank_at)[entry // t, code // (p * k)]
         row_src = jnp.where(held, (src * t + entry % t) * k + code % k, -1)
-        return (rows if pool.x is not None else None,
-                values if pool.values is not None else None, row_src)
+        return rows, values, row_src
 
-    def collect(self, rows, row_scale, row_values, handle: Handle, pool, sizes: Sizes):
+    def collect(self, rows, row_scale, row_values, handle: Handle, pool, sizes: CallShape):
         t, k = sizes.num_tokens, sizes.top_k
         p = self.topo.num_hosts * t
         # s * T * k + t * k + j  ->  l * P * k + p * k + j with (host g, local l) = rank s.
@@ -106,14 +84,6 @@ class CudaIntraHostLeg:
         entry = jnp.asarray(self._host_of)[src] * t + (code // k) % t
         group_src = jnp.where(held, (jnp.asarray(self._local_of)[src] * p + entry) * k + code % k,
                               -1)
-        rows_in = rows if rows is not None else jnp.zeros((0, 0), _f32)
-        pool_sum, pool_values = self.state.call(
-            "jax_ep_combine",
-            (_sds((p, rows_in.shape[1]) if rows is not None else (0, 0), _f32),
-             _sds((p, k) if row_values is not None else (0,), _f32)),
-            rows_in,
-            row_scale if row_scale is not None else jnp.zeros((0,), _f32),
-            row_values if row_values is not None else jnp.zeros((0,), _f32),
-            self._local(pool.dest_rank), pool.dest_row, group_src, handle.num_recv)
-        return (pool_sum if rows is not None else None,
-                pool_values if row_values is not None else None)
+        return calls.combine(rows, row_scale, row_values, self._local(pool.dest_rank),
+                             pool.dest_row, group_src, handle.num_recv, out_f32=True,
+                             **self.call_attrs(sizes))

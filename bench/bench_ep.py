@@ -15,7 +15,12 @@ unrolled in one program, which XLA runs as one command buffer (CUDA graph), per 
 
 Bytes that must move (inputs read once, outputs written once): dispatch T*H + C*H elements,
 combine C*H + T*H elements (weights and indices are under 0.1% at these shapes and not counted).
-The copy ceiling is `a + 1` over an array of half that byte count (it reads and writes).
+The copy ceiling is `a + 1` over an array of half that byte count (it reads and writes), and
+(world size 1, where a GPU and nvcc are at hand) `copy(S)`: the copy kernel of bench/copy_kernel
+on S blocks of 1024 threads, one per SM of the budget, moving the same bytes, timed the same
+way; `x copy(S)` = the cuda backend's span at num_sms = S over the copy kernel's span at S. The
+copy kernel is timed at every budget of --num-sms and --copy-sms; bench/bench_copy.py times it
+alone (SMs x TB/s).
 """
 
 from __future__ import annotations
@@ -23,18 +28,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
+from jax_ep._cli import FlagParser
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import SHAPES, copy_time, make_inputs, span, timed  # noqa: E402
+from bench.common import (SHAPES, copy_kernel_times, copy_time, make_inputs, span,  # noqa: E402
+                          timed)
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = FlagParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--out", default="bench/out")
     p.add_argument("--num-sms", default="24,132", help="SM budgets to run the cuda backend at")
+    p.add_argument("--copy-sms", default="8,16,24,32,132",
+                   help="SM budgets to time the copy kernel at, besides those of --num-sms "
+                        "(world size 1; '' for --num-sms only)")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--trials", type=int, default=7)
     p.add_argument("--rounds", type=int, default=50, help="unrolled rounds for the graph timing")
@@ -50,7 +63,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def bench_shape(name, args, mesh, results, to_global, world):
+def copy_budgets(args) -> list[int]:
+    """The SM budgets the copy kernel is timed at: those of --num-sms and of --copy-sms."""
+    return sorted({int(s) for s in f"{args.num_sms},{args.copy_sms}".split(",") if s})
+
+
+def bench_shape(name, args, mesh, results, to_global, world, copy_kernel_ok=False):
     import numpy as np
 
     import jax_ep
@@ -72,6 +90,15 @@ def bench_shape(name, args, mesh, results, to_global, world):
         for op, nbytes in (("dispatch", bytes_dispatch), ("combine", bytes_combine)):
             row[f"copy_{op}_s"], row[f"copy_{op}_span_s"] = copy_time(nbytes, args.reps,
                                                                       args.trials)
+    if world == 1 and copy_kernel_ok:
+        by_bytes = {}  # dispatch and combine move the same bytes: time them once
+        for op, nbytes in (("dispatch", bytes_dispatch), ("combine", bytes_combine)):
+            if nbytes not in by_bytes:
+                by_bytes[nbytes] = copy_kernel_times(nbytes, copy_budgets(args), args.reps,
+                                                     args.trials)
+            for sms, (wall, on_gpu) in by_bytes[nbytes].items():
+                row[f"copy_kernel_sms{sms}_{op}_s"] = wall
+                row[f"copy_kernel_sms{sms}_{op}_span_s"] = on_gpu
 
     def ep_programs(group):
         dispatch = per_rank.program(mesh, lambda x, i, w: (
@@ -170,12 +197,18 @@ def xla_baselines(sets, t, h, k, e, args) -> dict:
     return out
 
 
+def natural_key(name: str):
+    """Sort key putting cuda_sms24 before cuda_sms132."""
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
 def table_lines(results) -> list[str]:
     """wall: `timed` (with JAX's per-program launch cost); span: on the GPU timeline (`span`,
     "-" where the trace has no device events); GB/s and "x copy" against the copy's own span
-    (wall where there is no span)."""
+    (wall where there is no span); "x copy(S)" against the copy kernel's span at the impl's SM
+    budget S ("-" where the copy kernel was not timed); then the copy kernel's TB/s per S."""
     lines = [f"{'shape':12s} {'op':9s} {'impl':22s} {'wall us':>9s} {'span us':>9s} "
-             f"{'GB/s':>6s} {'x copy':>7s}"]
+             f"{'GB/s':>6s} {'x copy':>7s} {'x copy(S)':>9s}"]
     print = lines.append  # noqa: A001 - the table is built line by line
 
     def us(v):
@@ -185,7 +218,8 @@ def table_lines(results) -> list[str]:
         for op in ("dispatch", "combine"):
             nbytes = row[f"bytes_{op}"]
             copy = row.get(f"copy_{op}_span_s") or row.get(f"copy_{op}_s")
-            impls = sorted(k[: -len(f"_{op}_s")] for k in row if k.endswith(f"_{op}_s"))
+            impls = sorted((k[: -len(f"_{op}_s")] for k in row if k.endswith(f"_{op}_s")),
+                           key=natural_key)
             if op == "dispatch" and "xla_permute_s" in row:
                 impls.append("xla_permute")
             if op == "combine" and "xla_unpermute_s" in row:
@@ -195,11 +229,20 @@ def table_lines(results) -> list[str]:
                 wall, on_gpu = row[f"{key}_s"], row.get(f"{key}_span_s")
                 best = on_gpu or wall
                 ratio = f"{best / copy:7.2f}" if copy else "      -"
+                budget = re.search(r"_sms(\d+)$", impl)
+                copy_s = budget and (row.get(f"copy_kernel_sms{budget[1]}_{op}_span_s")
+                                     or row.get(f"copy_kernel_sms{budget[1]}_{op}_s"))
+                ratio_s = f"{best / copy_s:9.2f}" if copy_s else f"{'-':>9s}"
                 print(f"{row['shape']:12s} {op:9s} {impl:22s} {us(wall)} {us(on_gpu)} "
-                      f"{nbytes / best / 1e9:6.0f} {ratio}")
+                      f"{nbytes / best / 1e9:6.0f} {ratio} {ratio_s}")
         for key in [k for k in row if k.endswith("_graph_round_s")]:
             print(f"{row['shape']:12s} {'d+c round':9s} {key[:-14]:22s} {us(row[key])} "
                   f"{us(row.get(key[:-2] + '_span_s'))}")
+        copies = sorted(((int(m[1]), row.get(k[:-2] + "_span_s") or row[k]) for k in row
+                         if (m := re.fullmatch(r"copy_kernel_sms(\d+)_dispatch_s", k))))
+        if copies:  # bytes read + written over the span (wall where there is no span)
+            print(f"{row['shape']:12s} copy(S) TB/s: " + "  ".join(
+                f"S={sms} {row['bytes_dispatch'] / s / 1e12:.2f}" for sms, s in copies))
     return lines
 
 
@@ -243,16 +286,26 @@ def main(argv=None) -> int:
     from jax_ep import per_rank
 
     mesh = Mesh(np.array(jax.devices()[: args.world]), ("expert",))
+    copy_kernel_skipped = None
+    if args.world == 1:
+        from bench.copy_kernel import unavailable
+
+        copy_kernel_skipped = unavailable()
+        if copy_kernel_skipped:
+            print(f"copy kernel: skipped, no copy(S) column ({copy_kernel_skipped})", flush=True)
     results = []
     for name in args.shapes.split(","):
         bench_shape(name, args, mesh, results, lambda a: per_rank.to_global(a, mesh),
-                    args.world)
+                    args.world, copy_kernel_ok=args.world == 1 and not copy_kernel_skipped)
         print(f"[rank {args.rank}] {name} done", flush=True)
     if args.rank == 0:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         meta = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__,
                     date=time.strftime("%Y-%m-%d"), world=args.world)
+        if args.world == 1:  # the copy kernel's budgets, or why it was skipped
+            meta["copy_kernel_sms"] = [] if copy_kernel_skipped else copy_budgets(args)
+            meta["copy_kernel_skipped"] = copy_kernel_skipped
         suffix = (f"_world{args.world}" if args.world > 1 else "") + args.tag
         (out / f"results{suffix}.json").write_text(json.dumps(dict(meta=meta, rows=results),
                                                               indent=1))

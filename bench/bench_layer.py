@@ -49,6 +49,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from jax_ep._cli import FlagParser
 
 # name: (T tokens per step, H, F, E, k)
 SHAPES = {
@@ -68,7 +69,7 @@ AUX_COEF = 0.01
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = FlagParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--tokens", type=int, default=0, help="override T (tokens per step)")
     p.add_argument("--impls", default=DEFAULT_IMPLS,

@@ -26,12 +26,13 @@ import os
 import sys
 import time
 from pathlib import Path
+from jax_ep._cli import FlagParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = FlagParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shapes", default="deepseek_v3,decode")
     p.add_argument("--out", default="bench/out")
     p.add_argument("--num-sms", type=int, default=24)

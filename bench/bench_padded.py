@@ -20,12 +20,13 @@ import json
 import sys
 import time
 from pathlib import Path
+from jax_ep._cli import FlagParser
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = FlagParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--tokens", default="1,32,128", help="tokens per rank, comma-separated")
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--top-k", type=int, default=8)

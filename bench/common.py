@@ -1,7 +1,7 @@
-"""What every benchmark script here shares: the shapes, the input sets, the two timings (wall
-clock of a jitted multi-call program, and its span on the GPU timeline from a profiler trace),
-the copy ceiling, and the launcher of N processes sharing the GPU. Scripts import this module and
-jax_ep only (never the tests).
+"""What every benchmark script here shares: the shapes, the input sets and the wall-clock
+timing (from jax_ep.bench, which `python -m jax_ep.bench` runs), the span on the GPU timeline
+from a profiler trace, the copy ceilings, and the launcher of N processes sharing the GPU.
+Scripts import this module and jax_ep only (never the tests).
 """
 
 from __future__ import annotations
@@ -9,20 +9,14 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import statistics
 import subprocess
 import tempfile
 import time
 
 from jax_ep import local_world
-
-SHAPES = {
-    # name: (T tokens per rank, H, k, E)
-    "deepseek_v3": (4096, 7168, 8, 256),
-    "mixtral": (8192, 4096, 2, 8),
-    "decode": (128, 7168, 8, 256),
-}
-
+from jax_ep.bench import SHAPES, copy_program, copy_wall_time, make_inputs  # noqa: F401
+from jax_ep.bench import multi_call_program
+from jax_ep.bench import timed as _timed
 
 _barrier_count = 0
 
@@ -40,38 +34,9 @@ def sync_processes() -> None:
         distributed.global_state.client.wait_at_barrier(f"jax_ep_bench_{_barrier_count}", 120_000)
 
 
-_programs: dict = {}
-
-
-def _program(fn, reps: int):
-    """The jitted program of `reps` calls of fn, one per input set (compiled once per fn)."""
-    import jax
-
-    if (fn, reps) not in _programs:
-        _programs[(fn, reps)] = jax.jit(lambda *sets: [fn(*s) for s in sets])
-    return _programs[(fn, reps)]
-
-
 def timed(fn, input_sets, reps: int, trials: int) -> float:
-    """Per-call seconds of `fn` run as one program: `reps` calls, each on its own input set
-    (distinct sets, so XLA cannot merge equal calls and each set is read from HBM, not L2), in
-    one jitted program that returns every output. Wall clock from the Python call to the
-    outputs being ready, median over `trials` runs, divided by `reps`: device time, the gaps
-    between kernels, and JAX's cost of launching the program (paid once per run, growing with
-    its arguments and outputs; `span` leaves it out)."""
-    import jax
-
-    reps = min(reps, len(input_sets))
-    program = _program(fn, reps)
-    chosen = input_sets[:reps]
-    jax.block_until_ready(program(*chosen))  # compile and warm up
-    samples = []
-    for _ in range(trials):
-        sync_processes()
-        t0 = time.perf_counter()
-        jax.block_until_ready(program(*chosen))
-        samples.append((time.perf_counter() - t0) / reps)
-    return statistics.median(samples)
+    """jax_ep.bench.timed with every timed run started together across processes."""
+    return _timed(fn, input_sets, reps, trials, before_run=sync_processes)
 
 
 def span(fn, input_sets, reps: int) -> float | None:
@@ -79,46 +44,37 @@ def span(fn, input_sets, reps: int) -> float | None:
     a profiler trace, first kernel start to last kernel end of a warm run, divided by reps):
     device time plus the gaps between kernels, without the host's per-program launch cost."""
     reps = min(reps, len(input_sets))
-    program = _program(fn, reps)
+    program = multi_call_program(fn, reps)
     return steady_span_s(program, input_sets[:reps], reps, before_run=sync_processes)
 
 
 def copy_time(nbytes: int, reps: int, trials: int) -> tuple[float, float | None]:
-    """Per-copy seconds (wall as in `timed`, and span) of a device-to-device copy moving
-    `nbytes` (read + write): a chain of `reps` elementwise passes over an array of nbytes / 2,
-    each materialised (optimization_barrier keeps XLA from fusing the chain into one pass)."""
+    """Per-copy seconds (wall as in `timed`, and span) of jax_ep.bench.copy_program: an XLA
+    device-to-device copy moving `nbytes` (read + write)."""
+    program, a = copy_program(nbytes, reps)
+    return copy_wall_time(nbytes, reps, trials), steady_span_s(program, [a], reps)
+
+
+def copy_kernel_times(nbytes: int, budgets, reps: int,
+                      trials: int) -> dict[int, tuple[float, float | None]]:
+    """{S: per-copy seconds (wall as in `timed`, span as in `span`)} of the copy kernel
+    (bench/copy_kernel) on S blocks, one per SM of the budget, moving `nbytes` (read + write):
+    one program of `reps` calls, each copying its own array of nbytes / 2 (rounded down to
+    16 bytes), timed exactly as jax_ep's calls are. Callers check
+    bench.copy_kernel.unavailable() first."""
     import jax
     import jax.numpy as jnp
 
-    n = nbytes // 2 // 2  # bf16 elements read (and as many written) per pass
+    from bench.copy_kernel import copy_kernel
 
-    def chain(a):
-        for _ in range(reps):
-            a = jax.lax.optimization_barrier(a + jnp.ones((), a.dtype))
-        return a
-
-    program = jax.jit(chain)
-    a = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
-    jax.block_until_ready(program(a))
-    samples = []
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        jax.block_until_ready(program(a))
-        samples.append((time.perf_counter() - t0) / reps)
-    return statistics.median(samples), steady_span_s(program, [a], reps)
-
-
-def make_inputs(rng, world, t, h, k, e, sets=4):
-    import numpy as np
-    import ml_dtypes
-
-    out = []
-    for _ in range(sets):
-        logits = rng.normal(size=(world, t, e)).astype(np.float32)
-        idx = np.argsort(-logits, axis=-1)[..., :k].astype(np.int32)
-        w = rng.random((world, t, k)).astype(np.float32)
-        x = rng.normal(size=(world, t, h)).astype(ml_dtypes.bfloat16)
-        out.append((x, idx, w))
+    words = nbytes // 2 // 16 * 4  # uint32 words per array
+    sets = [(jax.random.bits(jax.random.key(i), (words,), jnp.uint32),) for i in range(reps)]
+    out = {}
+    for s in budgets:
+        def fn(a, s=s):
+            return copy_kernel(a, s)
+        out[s] = (timed(fn, sets, reps, trials), span(fn, sets, reps))
+    del sets
     return out
 
 

@@ -7,11 +7,11 @@ model sizes, from jax_ep.buffer_bytes (cuda/buffer_map.h's ComputeBufferMap; run
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 
 from jax_ep import EPConfig, buffer_bytes
+from jax_ep._cli import FlagParser
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "memory.md"
 BEGIN, END = "<!-- memory_table.py: begin -->", "<!-- memory_table.py: end -->"
@@ -65,7 +65,7 @@ def markdown() -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = FlagParser(description=__doc__.splitlines()[0])
     p.add_argument("--write", action="store_true", help="replace the table in docs/memory.md")
     args = p.parse_args()
     table = markdown()

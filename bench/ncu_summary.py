@@ -11,12 +11,12 @@ which a CUDA graph mostly hides.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import re
 import sys
 from collections import defaultdict
+from jax_ep._cli import FlagParser
 
 # Dispatch's kernels (normal and padded layouts); a name must not merely end in one of these
 # (CombineSendKernel is combine's).
@@ -51,7 +51,7 @@ def summarise(kernels: list[dict]) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = FlagParser(description=__doc__)
     p.add_argument("log")
     p.add_argument("--json")
     args = p.parse_args(argv)

@@ -6,16 +6,16 @@ Runs warm-up calls outside the profiled range (cudaProfilerStart/Stop through cu
 present), then `--calls` profiled dispatch+combine pairs. Without ncu it prints wall times.
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
+from jax_ep._cli import FlagParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> int:
-    p = argparse.ArgumentParser()
+    p = FlagParser()
     p.add_argument("--shape", default="decode")
     p.add_argument("--num-sms", type=int, default=24)
     p.add_argument("--calls", type=int, default=2)

@@ -16,18 +16,18 @@ the first event's start and the last event's end is gaps.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import sys
 import tempfile
 from pathlib import Path
+from jax_ep._cli import FlagParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import device_events  # noqa: E402
 
 
 def main() -> int:
-    p = argparse.ArgumentParser()
+    p = FlagParser()
     p.add_argument("--shape", default="deepseek_v3")
     p.add_argument("--op", choices=["dispatch", "combine", "round", "copy"], default="dispatch",
                    help="round: dispatch then weighted combine; copy: bench.common's copy-ceiling "

@@ -11,7 +11,7 @@ layers (jax_ep.nn, Flax NNX by default) dispatch tokens to experts with jax_ep o
 Several processes (one per GPU, or per host; docs/launch.md) run one program through
 jax.distributed:
 
-    python -m jax_ep.demo --coordinator HOST:PORT --num_processes 2 --process_id 0   # and 1
+    python -m jax_ep.demo --coordinator HOST:PORT --num-processes 2 --process-id 0   # and 1
     srun python -m jax_ep.demo --distributed      # SLURM / Open MPI: detected by JAX
 """
 
@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+from jax_ep._cli import FlagParser
 from jax_ep.nn import expert_gemm  # loaded by jax_ep.nn anyway (moe_math uses it)
 from jax_ep.nn.lm_config import LMConfig
 
@@ -34,8 +35,8 @@ DESCRIPTION = ("Trains a small MoE language model on synthetic text with expert 
 EPILOG = ("The aux loss is the Switch-Transformer load-balancing loss E * sum_e f_e * p_e (f_e: "
           "fraction of the routed slots that went to expert e, p_e: the router's mean "
           "probability for e), averaged over the MoE layers: 1.0 when the load is uniform, up "
-          "to E when every token picks the same experts. --aux_coef times it is added to the "
-          "cross-entropy so the router keeps the experts evenly loaded; with --capacity_factor "
+          "to E when every token picks the same experts. --aux-coef times it is added to the "
+          "cross-entropy so the router keeps the experts evenly loaded; with --capacity-factor "
           "an uneven load overflows the ranks' receive buffers and the overflowing slots are "
           "dropped (counted as 'dropped'). Multi-process recipes: docs/launch.md.")
 EXPERT_GEMMS = expert_gemm.IMPLS
@@ -83,26 +84,24 @@ def _non_negative_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jax_ep.demo", description=DESCRIPTION,
-                                epilog=EPILOG,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = FlagParser(prog="python -m jax_ep.demo", description=DESCRIPTION, epilog=EPILOG)
     run = p.add_argument_group("training")
     run.add_argument("--steps", type=_positive_int, default=400, help="training steps")
     run.add_argument("--batch", type=_positive_int, default=16,
                      help="sequences per step over all devices (a multiple of the device count)")
     run.add_argument("--lr", type=_positive_float, default=3e-3,
                      help="peak AdamW learning rate (warmup, then cosine decay)")
-    run.add_argument("--aux_coef", type=_non_negative_float, default=0.01,
+    run.add_argument("--aux-coef", type=_non_negative_float, default=0.01,
                      help="weight of the load-balancing aux loss added to the cross-entropy "
                           "(see below)")
     run.add_argument("--seed", type=int, default=0,
                      help="seed of the parameters and of the synthetic data")
-    run.add_argument("--log_every", type=_positive_int, default=10,
+    run.add_argument("--log-every", type=_positive_int, default=10,
                      help="print every this many steps")
     run.add_argument("--plot", default="moe_loss.png",
                      help="loss curve PNG written at the end ('' for none)")
     data = p.add_argument_group("synthetic data")
-    data.add_argument("--seq_len", type=_positive_int, default=64, help="tokens per sequence")
+    data.add_argument("--seq-len", type=_positive_int, default=64, help="tokens per sequence")
     data.add_argument("--vocab", type=_positive_int, default=64,
                       help="vocabulary of the synthetic text")
     data.add_argument("--topics", type=_positive_int, default=4,
@@ -110,24 +109,24 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument("--framework", choices=("flax", "equinox"), default="flax",
                        help="the MoE layers and model: jax_ep.nn.flax (NNX) or jax_ep.nn.equinox")
-    model.add_argument("--d_model", type=_positive_int, default=64, help="hidden size H")
+    model.add_argument("--d-model", type=_positive_int, default=64, help="hidden size H")
     model.add_argument("--heads", type=_positive_int, default=4,
-                       help="attention heads (must divide --d_model)")
+                       help="attention heads (must divide --d-model)")
     model.add_argument("--layers", type=_positive_int, default=2, help="transformer blocks")
     model.add_argument("--experts", type=_positive_int, default=8,
                        help="experts E per MoE layer (a multiple of --ep)")
-    model.add_argument("--top_k", type=_positive_int, default=2,
+    model.add_argument("--top-k", type=_positive_int, default=2,
                        help="experts per token (at most --experts)")
     model.add_argument("--ffn", type=_positive_int, default=128, help="each expert's SwiGLU width F")
-    model.add_argument("--shared_ffn", type=_non_negative_int, default=0,
+    model.add_argument("--shared-ffn", type=_non_negative_int, default=0,
                        help="width of a shared (always-on) SwiGLU expert; 0: none")
     model.add_argument("--router", choices=("softmax", "sigmoid"), default="softmax",
                        help="router scores: softmax over experts (Mixtral), or sigmoid with the "
                             "top-k weights renormalised (DeepSeek-V3)")
-    model.add_argument("--capacity_factor", type=_positive_float, default=None,
+    model.add_argument("--capacity-factor", type=_positive_float, default=None,
                        help="receive capacity per rank in units of T*k tokens; slots beyond it "
                             "are dropped and reported (default: dropless)")
-    model.add_argument("--tie_embeddings", action="store_true",
+    model.add_argument("--tie-embeddings", action="store_true",
                        help="output head = embeddings^T instead of its own matrix")
     ep = p.add_argument_group("expert parallelism")
     ep.add_argument("--ep", type=_positive_int, default=None,
@@ -137,20 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="jax_ep backend: auto = hierarchical when the EP axis spans several "
                          "hosts, else cuda on GPUs (when built with it), else reference "
                          "(python -m jax_ep.info says which and why)")
-    ep.add_argument("--expert_gemm", choices=EXPERT_GEMMS, default="auto",
+    ep.add_argument("--expert-gemm", choices=EXPERT_GEMMS, default="auto",
                     help="the experts' grouped-matmul implementation (docs/nn.md): auto = "
                          "ragged off GPUs, capacity on GPUs")
-    ep.add_argument("--cpu_devices", type=_positive_int, default=8,
+    ep.add_argument("--cpu-devices", type=_positive_int, default=8,
                     help="CPU devices to emulate per process when there is no GPU (ignored "
                          "when XLA_FLAGS already sets --xla_force_host_platform_device_count)")
     mp = p.add_argument_group("several processes (jax.distributed; docs/launch.md)")
     mp.add_argument("--coordinator", default=None, metavar="HOST:PORT",
                     help="address of process 0's coordination service: runs under "
-                         "jax.distributed with --num_processes and --process_id")
-    mp.add_argument("--num_processes", type=_positive_int, default=None,
+                         "jax.distributed with --num-processes and --process-id")
+    mp.add_argument("--num-processes", type=_positive_int, default=None,
                     help="processes in the job (with --coordinator)")
-    mp.add_argument("--process_id", type=_non_negative_int, default=None,
-                    help="this process's index in [0, --num_processes) (with --coordinator)")
+    mp.add_argument("--process-id", type=_non_negative_int, default=None,
+                    help="this process's index in [0, --num-processes) (with --coordinator)")
     mp.add_argument("--distributed", action="store_true",
                     help="jax.distributed.initialize() with the cluster detected by JAX (SLURM "
                          "srun, Open MPI mpirun, ...); --coordinator etc. override it")
@@ -160,21 +159,21 @@ def build_parser() -> argparse.ArgumentParser:
 def check_static_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """What the flags alone must satisfy (the device-dependent checks are in check_mesh_args)."""
     if args.d_model % args.heads:
-        p.error(f"--heads {args.heads} must divide --d_model {args.d_model}")
+        p.error(f"--heads {args.heads} must divide --d-model {args.d_model}")
     if args.top_k > args.experts:
-        p.error(f"--top_k {args.top_k} is larger than --experts {args.experts}")
+        p.error(f"--top-k {args.top_k} is larger than --experts {args.experts}")
     if args.coordinator is not None:
         host, _, port = args.coordinator.rpartition(":")
         if not host or not port.isdigit():
             p.error(f"--coordinator must be HOST:PORT, got {args.coordinator!r}")
     explicit = [args.num_processes is not None, args.process_id is not None]
     if any(explicit) and args.coordinator is None:
-        p.error("--num_processes and --process_id go with --coordinator HOST:PORT")
+        p.error("--num-processes and --process-id go with --coordinator HOST:PORT")
     if args.coordinator is not None and not all(explicit) and not args.distributed:
-        p.error("--coordinator needs --num_processes and --process_id (or --distributed, to "
+        p.error("--coordinator needs --num-processes and --process-id (or --distributed, to "
                 "let JAX detect them)")
     if all(explicit) and args.process_id >= args.num_processes:
-        p.error(f"--process_id {args.process_id} must be below --num_processes "
+        p.error(f"--process-id {args.process_id} must be below --num-processes "
                 f"{args.num_processes}")
 
 
@@ -400,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
               f"loss {losses[-1]:.4f}", flush=True)
     say(f"dropped: {sum(drops)} of {slots_per_step * args.layers * len(drops)} routed slots "
         f"over {len(drops)} steps"
-        + ("" if args.capacity_factor else " (dropless: --capacity_factor unset)"))
+        + ("" if args.capacity_factor else " (dropless: --capacity-factor unset)"))
     plot = (args.plot or None) if lead else None
     if plot:
         plot_losses(plot, losses, floor, f"{args.framework} MoE LM, E={args.experts}, "

@@ -6,13 +6,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from typing import Any, Sequence
 
 from jax_ep import _ext
 from jax_ep.memory import format_bytes
+from jax_ep._cli import FlagParser
 
 # ---------------------------------------------------------------------------------------------
 # python -m jax_ep.info
@@ -161,7 +161,7 @@ def render(info: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jax_ep.info",
+    p = FlagParser(prog="python -m jax_ep.info",
                                 description="Reports jax_ep's version and build (CUDA "
                                             "architectures), jax, the local devices, and the "
                                             "backend EPGroup(backend='auto') would pick.")

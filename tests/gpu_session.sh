@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# Runs the GPU checks and benchmarks on a machine with an NVIDIA GPU. Builds jax_ep with its CUDA kernels (or uses a
-# prebuilt extension carried in jax_ep/), then runs the stages named by the arguments, each under
-# its own time limit, logging under $OUT:
+# Runs jax_ep's GPU tests and benchmarks on a machine with an NVIDIA GPU, from the repository
+# root. Builds jax_ep with its CUDA kernels (or uses a prebuilt extension already in jax_ep/),
+# then runs the stages named by the arguments in order, each under its own time limit, logging
+# under $OUT (default /tmp/out; logs end up in $OUT/logs.tgz, result tables in $OUT):
 #   bash tests/gpu_session.sh build one_gpu mp bench1 bench8
-# Stages: build (compile; copies the extension to $OUT for later calls to carry), one_gpu (pytest
-# -m gpu, single process), mp (N = 2, 4, 8 processes sharing the GPU, and the timeout test),
-# bench1 / bench8 (bench/bench_ep.py at world size 1 / 8 processes), multigpu
+# bench/RESULTS.md names the stages that produce each of its tables.
+# Stages: build (compile; copies the extension to $OUT so a later run can place it in jax_ep/),
+# one_gpu (pytest -m gpu, single process), mp / mp_mps (N = 2, 4, 8 processes sharing the GPU,
+# time-sliced / under MPS, and the timeout test), bench1 / bench8 (bench/bench_ep.py at world
+# size 1 / 8 processes), bench_hier (hierarchical backend, 4 processes as 2 hosts), padded1 /
+# padded8 (bench/bench_padded.py: decode sizes, padded and normal layouts), multigpu
 # (bench/bench_multigpu.py over every GPU), layer (bench/bench_layer.py: a whole MoE layer
-# step), ncu (per-kernel device time), pytest:EXPR (pytest -m gpu
-# -k EXPR), mps_on / mps_off (an MPS daemon for the stages between them).
+# step), trace / trace8 (kernels and gaps on the GPU timeline, JAX profiler), ncu / ncu_padded
+# (per-kernel device time, Nsight Compute), demo (python -m jax_ep.demo), pytest:EXPR (pytest
+# -m gpu -k EXPR), mps_on / mps_off (an MPS daemon for the stages between them).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 LOGS="$OUT/logs"
@@ -34,7 +39,7 @@ for s in "$@"; do
   case $s in
     build)
       if ls jax_ep/_jax_ep*.so >/dev/null 2>&1; then
-        echo "== build: using the carried extension $(ls jax_ep/_jax_ep*.so)"
+        echo "== build: using the prebuilt extension $(ls jax_ep/_jax_ep*.so)"
       else
         stage build 300 bash -c 'CUDAARCHS=${CUDAARCHS:-90} JAX_EP_CUDA=ON python3 -m pip wheel \
           --no-build-isolation --no-deps -v -w /tmp/jax_ep_wheel . && python3 -m zipfile -e \
@@ -59,6 +64,13 @@ for s in "$@"; do
         -k "${s#pytest:}" tests ;;
     demo) stage demo 200 python3 -m jax_ep.demo --steps ${DEMO_STEPS:-300} --plot "$LOGS/moe_loss_gpu.png" ;;
     bench1) stage bench1 200 python3 bench/bench_ep.py --out "$LOGS" ${BENCH_ARGS:-} ;;
+    copy)  # the copy kernel (bench/copy_kernel) alone, SMs x TB/s, then bench1 with x copy(S)
+      stage copy_build 120 python3 bench/copy_kernel/build.py --verbose
+      stage copy_table 200 python3 bench/bench_copy.py --num-sms ${COPY_SMS:-8,16,24,32,48,132} --out "$LOGS"
+      sed -n '/^ *SMs/,$p' "$LOGS/copy_table.log"
+      stage bench1_copy ${COPY_LIMIT:-400} python3 bench/bench_ep.py --num-sms 8,16,24,32,132 --tag _copy \
+        --out "$LOGS" ${BENCH_ARGS:-}
+      grep "copy(S) TB/s" "$LOGS/bench1_copy.log" ;;
     bench8)  # 8 processes sharing the GPU under MPS: the decode shape, then the large shapes at
              # 512 tokens per rank (8 ranks' buffers must fit in one GPU)
       stage bench8_decode 200 python3 bench/run_world.py 8 --mps --num-sms 8 --shapes decode \

@@ -8,13 +8,13 @@ import pytest
 
 from jax_ep import demo
 
-TINY = ["--steps", "25", "--batch", "8", "--seq_len", "16", "--d_model", "32", "--heads", "2",
-        "--layers", "1", "--ffn", "32", "--experts", "8", "--top_k", "2", "--lr", "2e-2",
-        "--log_every", "5"]
+TINY = ["--steps", "25", "--batch", "8", "--seq-len", "16", "--d-model", "32", "--heads", "2",
+        "--layers", "1", "--ffn", "32", "--experts", "8", "--top-k", "2", "--lr", "2e-2",
+        "--log-every", "5"]
 
 
 @pytest.mark.parametrize("framework,extra", [("flax", []),
-                                              ("equinox", ["--ep", "4", "--shared_ffn", "8"])])
+                                              ("equinox", ["--ep", "4", "--shared-ffn", "8"])])
 def test_demo_lowers_the_loss_and_writes_the_plot(tmp_path, capsys, framework, extra):
     plot = tmp_path / "loss.png"
     out = demo.main(TINY + extra + ["--framework", framework, "--plot", str(plot)])
@@ -31,8 +31,8 @@ def test_demo_lowers_the_loss_and_writes_the_plot(tmp_path, capsys, framework, e
 def test_capacity_drops_are_counted(capsys):
     """A receive capacity of half the routed slots drops some, and the demo reports how many
     (the models' aux dict carries num_dropped); on the hierarchical backend, on one host."""
-    out = demo.main(["--steps", "2", "--batch", "8", "--seq_len", "16", "--d_model", "32",
-                     "--heads", "2", "--layers", "2", "--ffn", "32", "--capacity_factor", "0.5",
+    out = demo.main(["--steps", "2", "--batch", "8", "--seq-len", "16", "--d-model", "32",
+                     "--heads", "2", "--layers", "2", "--ffn", "32", "--capacity-factor", "0.5",
                      "--backend", "hierarchical", "--plot", ""])
     assert out["backend"] == "hierarchical"
     slots = 8 * 16 * 2 * 2  # tokens x top_k x layers
@@ -49,9 +49,9 @@ def test_help_documents_every_flag(capsys):
         demo.parse_args(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--steps", "--experts", "--top_k", "--backend", "--layers", "--plot",
-                 "--framework", "--ep", "--expert_gemm", "--coordinator", "--process_id",
-                 "--num_processes", "--distributed", "--aux_coef"):
+    for flag in ("--steps", "--experts", "--top-k", "--backend", "--layers", "--plot",
+                 "--framework", "--ep", "--expert-gemm", "--coordinator", "--process-id",
+                 "--num-processes", "--distributed", "--aux-coef"):
         assert flag in text
     assert "hierarchical" in text
     assert "load-balancing" in text  # the aux loss is explained
@@ -62,14 +62,14 @@ def test_help_documents_every_flag(capsys):
     (["--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
     (["--batch", "12"], "--batch 12 must be a multiple of the 8 devices"),
     (["--experts", "12", "--ep", "8"], "--experts 12 must be a multiple of the 8 devices"),
-    (["--heads", "5"], "--heads 5 must divide --d_model 64"),
-    (["--top_k", "9"], "--top_k 9 is larger than --experts 8"),
-    (["--capacity_factor", "-1"], "argument --capacity_factor: expected a positive number"),
+    (["--heads", "5"], "--heads 5 must divide --d-model 64"),
+    (["--top-k", "9"], "--top-k 9 is larger than --experts 8"),
+    (["--capacity-factor", "-1"], "argument --capacity-factor: expected a positive number"),
     (["--backend", "nccl"], "argument --backend: invalid choice: 'nccl'"),
-    (["--process_id", "1"], "--num_processes and --process_id go with --coordinator"),
+    (["--process-id", "1"], "--num-processes and --process-id go with --coordinator"),
     (["--coordinator", "localhost"], "--coordinator must be HOST:PORT"),
-    (["--coordinator", "h:1", "--num_processes", "2", "--process_id", "2"],
-     "--process_id 2 must be below --num_processes 2"),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"],
+     "--process-id 2 must be below --num-processes 2"),
 ])
 def test_bad_flags_are_usage_errors(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -77,3 +77,10 @@ def test_bad_flags_are_usage_errors(capsys, argv, message):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "usage: python -m jax_ep.demo" in err and message in err, err
+
+
+def test_flags_read_in_either_spelling():
+    hyphen = demo.parse_args(["--top-k", "3", "--seq-len=8", "--capacity-factor", "1.5"])
+    underscore = demo.parse_args(["--top_k", "3", "--seq_len=8", "--capacity_factor", "1.5"])
+    assert vars(hyphen) == vars(underscore)
+    assert (hyphen.top_k, hyphen.seq_len, hyphen.capacity_factor) == (3, 8, 1.5)

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--steps", "4", "--log_every", "2", "--batch", "8", "--seq_len", "16", "--d_model", "32",
-        "--heads", "2", "--layers", "1", "--ffn", "32", "--experts", "8", "--top_k", "2",
-        "--cpu_devices", "4"]
+TINY = ["--steps", "4", "--log-every", "2", "--batch", "8", "--seq-len", "16", "--d-model", "32",
+        "--heads", "2", "--layers", "1", "--ffn", "32", "--experts", "8", "--top-k", "2",
+        "--cpu-devices", "4"]
 
 
 def free_port() -> int:
@@ -26,10 +26,10 @@ def test_two_processes_train_one_model(tmp_path):
     for i in range(2):
         env = dict(os.environ, JAX_PLATFORMS="cpu",
                    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        env.pop("XLA_FLAGS", None)  # --cpu_devices sets the device count
+        env.pop("XLA_FLAGS", None)  # --cpu-devices sets the device count
         cmd = [sys.executable, "-m", "jax_ep.demo", *TINY, "--plot", str(tmp_path / "loss.png"),
-               "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2",
-               "--process_id", str(i)]
+               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+               "--process-id", str(i)]
         procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     outs = []

@@ -47,7 +47,7 @@ for s in "$@"; do
           jax_ep/ && cp jax_ep/_jax_ep*.so "$OUT/"'
         grep -E "registers|spill" "$LOGS/build.log" | sort | uniq | head -30 > "$LOGS/ptxas.txt"
       fi ;;
-    one_gpu) stage one_gpu 180 python3 -m pytest -m gpu -v -rA -k "not processes and not never_arrives" tests ;;
+    one_gpu) stage one_gpu ${ONE_GPU_LIMIT:-300} python3 -m pytest -m gpu -v -rA -k "not processes and not never_arrives" tests ;;
     mp|mp_mps)  # N = 2, 4, 8 processes sharing the GPU (time-sliced, or side by side under MPS)
       if [ "$s" = mp_mps ]; then
         export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log

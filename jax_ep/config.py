@@ -109,6 +109,10 @@ class EPConfig:
         so a model that runs on the CPU backends runs on GPUs (backend="auto" picks cuda
         there). False lifts these limits where a backend does not need them itself (reference,
         hierarchical with intra_host="xla"); the cuda backends enforce them regardless.
+      f32_partials: the hierarchical backend's combine sends each host's partial sum back across
+        hosts in float32 (True: rounded once, at the end) instead of the rows' dtype (False, the
+        default: bf16 rows halve those bytes; the error this adds is in docs/multihost.md).
+        Other backends round once anyway.
     """
 
     num_experts: int
@@ -124,6 +128,7 @@ class EPConfig:
     padded_layout: bool = False
     padded_zero_fill: bool = True
     portable: bool = True
+    f32_partials: bool = False
 
     def __post_init__(self) -> None:
         for name, value in self._normalised_fields().items():
@@ -156,6 +161,7 @@ class EPConfig:
             padded_layout=_flag("padded_layout", self.padded_layout),
             padded_zero_fill=_flag("padded_zero_fill", self.padded_zero_fill),
             portable=_flag("portable", self.portable),
+            f32_partials=_flag("f32_partials", self.f32_partials),
         )
 
     def capacity_rows(self, num_ranks: int, num_tokens: int) -> int:

@@ -74,7 +74,8 @@ def processes_of(mesh: Mesh) -> tuple[int, ...]:
 
 
 def describe(config: EPConfig, mesh: Mesh, axis_name: str, index: int, backend: str,
-             hosts: Sequence[Any] | None, intra_host: str = "auto") -> dict[str, str]:
+             hosts: Sequence[Any] | None, intra_host: str = "auto",
+             inter_host: str = "auto") -> dict[str, str]:
     """What every process must agree on, field by field (compared as text)."""
     fields = {f"config.{f.name}": repr(getattr(config, f.name))
               for f in dataclasses.fields(config)}
@@ -85,6 +86,7 @@ def describe(config: EPConfig, mesh: Mesh, axis_name: str, index: int, backend: 
         "axis_name": repr(axis_name),
         "backend": repr(backend),
         "intra_host": repr(intra_host),
+        "inter_host": repr(inter_host),
         "hosts": repr(None if hosts is None else tuple(hosts)),
         "creation_index": repr(index),
     })
@@ -247,7 +249,8 @@ def _ms_until(deadline: float) -> int:
 
 
 def create(mesh: Mesh, axis_name: str, config: EPConfig, *, backend: str,
-           hosts: Sequence[Any] | None, intra_host: str = "auto") -> GroupCoordinator:
+           hosts: Sequence[Any] | None, intra_host: str = "auto",
+           inter_host: str = "auto") -> GroupCoordinator:
     """The collective part of EPGroup creation: checks every process built the same group.
 
     Raises ValueError naming the process and the differing fields when setups differ, and
@@ -272,7 +275,7 @@ def create(mesh: Mesh, axis_name: str, config: EPConfig, *, backend: str,
     if coord.client is None:
         raise ValueError(f"EPGroup: the mesh spans processes {list(processes)}; call "
                          f"jax.distributed.initialize() in every process first")
-    fields = describe(config, mesh, axis_name, index, backend, hosts, intra_host)
+    fields = describe(config, mesh, axis_name, index, backend, hosts, intra_host, inter_host)
     hello = {"state": ARRIVED, "digest": _digest(fields), "fields": fields,
              "hostname": coord.hostnames[me]}
     for p, theirs in coord.agree("hello", hello, "create this EPGroup").items():

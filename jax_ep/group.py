@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 
 from jax_ep import coordination, memory, topology, validation
 from jax_ep.backends import layout_operations
+from jax_ep.backends.hierarchical import INTER_HOST
 from jax_ep.backends.reference import ReferenceBackend
 from jax_ep.config import EPConfig
 
@@ -78,6 +79,10 @@ class EPGroup:
         NVLink / CUDA IPC; needs EPConfig.max_tokens and hidden_size), "xla" (grouped XLA
         all_to_all), or "auto" (cuda on GPUs when built with CUDA, else xla). Other backends
         ignore it.
+      inter_host: the hierarchical backend's engine between hosts: "ragged" (XLA
+        ragged_all_to_all after a count exchange: each token crosses only to the hosts of its
+        slots; GPUs only), "all_to_all" (a static chunk of T tokens per host; every platform),
+        or "auto" (ragged on GPUs, else all_to_all). Other backends ignore it.
 
     Creation is collective over the processes holding the mesh's devices: each checks that the
     others created the same group (ValueError naming the differing process and fields) and a
@@ -90,7 +95,8 @@ class EPGroup:
     """
 
     def __init__(self, mesh: Mesh, axis_name: str, config: EPConfig, backend: str = "auto",
-                 hosts: Sequence[Any] | None = None, intra_host: str = "auto"):
+                 hosts: Sequence[Any] | None = None, intra_host: str = "auto",
+                 inter_host: str = "auto"):
         if not isinstance(mesh, Mesh):
             raise ValueError(f"EPGroup: mesh must be a jax.sharding.Mesh, got {type(mesh)}")
         if axis_name not in mesh.axis_names:
@@ -107,6 +113,9 @@ class EPGroup:
         if intra_host not in INTRA_HOST:
             raise ValueError(f"EPGroup: intra_host must be one of {INTRA_HOST}, got "
                              f"{intra_host!r}")
+        if inter_host not in INTER_HOST:
+            raise ValueError(f"EPGroup: inter_host must be one of {INTER_HOST}, got "
+                             f"{inter_host!r}")
         validation.check_portable_config(config, n)
         self.mesh = mesh
         self.axis_name = axis_name
@@ -115,20 +124,25 @@ class EPGroup:
         self.experts_per_rank = config.num_experts // n
         given = topology.from_labels(hosts, n) if hosts is not None else None
         self._coordinator = coordination.create(mesh, axis_name, config, backend=backend,
-                                                hosts=hosts, intra_host=intra_host)
+                                                hosts=hosts, intra_host=intra_host,
+                                                inter_host=inter_host)
         self.topology = given or topology.discover(mesh, axis_name, self._coordinator.hostnames)
         self.backend_name = _resolve_backend(backend, mesh, self.topology.num_hosts)
         self.intra_host: str | None = None  # the hierarchical backend's intra-host leg
+        self.inter_host: str | None = None  # and its engine between hosts
         self.backend: Any
         if self.backend_name == "cuda":
             from jax_ep.backends.cuda import CudaBackend
 
             self.backend = CudaBackend(mesh, axis_name, config, self._coordinator)
         elif self.backend_name == "hierarchical":
-            from jax_ep.backends.hierarchical import HierarchicalBackend, XlaIntraHostLeg
+            from jax_ep.backends.hierarchical import (HierarchicalBackend, XlaIntraHostLeg,
+                                                      resolve_inter_host)
 
             self.topology.check_uniform("EPGroup(backend='hierarchical')")
             self.intra_host = _resolve_intra_host(intra_host, mesh)
+            self.inter_host = resolve_inter_host(inter_host,
+                                                 [d.platform for d in mesh.devices.flat])
             if self.intra_host == "cuda":
                 from jax_ep.backends.cuda import CudaIntraHostLeg
 
@@ -136,7 +150,8 @@ class EPGroup:
                                          self._coordinator)
             else:
                 intra = XlaIntraHostLeg(axis_name, self.topology)
-            self.backend = HierarchicalBackend(axis_name, self.topology, intra)
+            self.backend = HierarchicalBackend(axis_name, self.topology, intra, self.inter_host,
+                                               config.f32_partials)
         else:
             self.backend = ReferenceBackend(axis_name)
         self._calls = self._call_checks()
@@ -203,7 +218,8 @@ class EPGroup:
         self.close()
 
     def __repr__(self) -> str:
-        intra = f", intra_host={self.intra_host!r}" if self.intra_host else ""
+        intra = (f", intra_host={self.intra_host!r}, inter_host={self.inter_host!r}"
+                 if self.intra_host else "")
         return (f"EPGroup(axis={self.axis_name!r}, N={self.num_ranks}, "
                 f"E={self.config.num_experts}, backend={self.backend_name!r}{intra})")
 

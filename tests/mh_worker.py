@@ -20,6 +20,10 @@ def main() -> int:
     parser.add_argument("--mode", choices=["cases", "mismatch", "missing", "close"],
                         required=True)
     parser.add_argument("--platform", choices=["cpu", "gpu"], default="cpu")
+    parser.add_argument("--inter-host", choices=["auto", "ragged", "all_to_all"], default="auto")
+    parser.add_argument("--intra-host", choices=["auto", "cuda", "xla"], default="auto")
+    parser.add_argument("--setups", default="reference,given,discovered",
+                        help="cases mode: which of its group setups to check")
     args = parser.parse_args()
     # Discovery sees two host names: the first and second half of the processes are two
     # emulated hosts of one machine.
@@ -78,6 +82,7 @@ def cases_mode(args, mesh) -> int:
     import numpy as np
 
     import jax_ep
+    from jax_ep.backends import hierarchical
     from tests import harness, oracle
 
     n, t, k, e, h = mesh.size, 4, 2, 2 * mesh.size, 8
@@ -95,16 +100,24 @@ def cases_mode(args, mesh) -> int:
     # Buffer sizes for the cuda intra-host leg (the default on GPUs); unused on CPUs.
     cfg = jax_ep.EPConfig(num_experts=e, top_k=k, max_tokens=t, hidden_size=h, dtype="float32")
     discovered = tuple(2 * d.process_index // args.world for d in mesh.devices.flat)
-    setups = [("reference", "reference", None, None),
-              ("hierarchical, 4 hosts given", "hierarchical", [4 * i // n for i in range(n)], 4),
-              ("auto, 2 hosts discovered", "auto", None, 2)]
+    setups = {"reference": ("reference", "reference", None, None),
+              "given": ("hierarchical, 4 hosts given", "hierarchical",
+                        [4 * i // n for i in range(n)], 4),
+              "discovered": ("auto, 2 hosts discovered", "auto", None, 2)}
+    setups = [setups[name] for name in args.setups.split(",")]
     for name, backend, hosts, num_hosts in setups:
         t0 = time.perf_counter()
-        group = jax_ep.EPGroup(mesh, "expert", cfg, backend=backend, hosts=hosts)
+        group = jax_ep.EPGroup(mesh, "expert", cfg, backend=backend, hosts=hosts,
+                               intra_host=args.intra_host, inter_host=args.inter_host)
         if num_hosts is not None:
             assert group.backend_name == "hierarchical", group
             assert group.topology.num_hosts == num_hosts, group.topology
-            assert group.intra_host == ("cuda" if args.platform == "gpu" else "xla"), group
+            on_gpu = args.platform == "gpu"
+            intra = {"auto": "cuda" if on_gpu else "xla"}.get(args.intra_host, args.intra_host)
+            ragged = on_gpu and hierarchical.RAGGED_XLA_FLAG in os.environ.get("XLA_FLAGS", "")
+            inter = {"auto": "ragged" if ragged else "all_to_all"}.get(args.inter_host,
+                                                                       args.inter_host)
+            assert (group.intra_host, group.inter_host) == (intra, inter), group
         if hosts is None and num_hosts == 2:
             assert group.topology.host_of == discovered, (group.topology, discovered)
         run = harness.per_rank(mesh, lambda a, i, b: (lambda dd: (dd, jax_ep.combine(
@@ -125,7 +138,9 @@ def cases_mode(args, mesh) -> int:
         np.testing.assert_allclose(gx, want_gx[sl], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(gw, want_gw[sl], rtol=1e-5, atol=1e-5)
         group.close()
-        print(f"process {args.rank}: {name} ok ({time.perf_counter() - t0:.1f} s)", flush=True)
+        layout = f"{group.topology.num_hosts}x{n // group.topology.num_hosts}"
+        print(f"process {args.rank}: {name} ok (hosts x ranks {layout}, "
+              f"{time.perf_counter() - t0:.1f} s)", flush=True)
     return 0
 
 

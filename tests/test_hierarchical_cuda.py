@@ -2,8 +2,8 @@
 check of the cuda backend (tests/cuda_checks.py: dispatch bit-exact with the numpy oracle,
 both combines, both VJPs, bitwise repeatability, 20 rounds in a lax.scan), on one GPU, on all
 GPUs of one process, and on N processes sharing the GPU split into 2 emulated hosts (inter-host
-leg XLA all_to_all over NCCL, intra-host leg CUDA IPC); and EP over one axis of a 2-D mesh
-(with the cuda backend too)."""
+leg XLA ragged_all_to_all over NCCL, intra-host leg CUDA IPC); and EP over one axis of a 2-D mesh
+(with the cuda backend too); both inter-host engines across processes."""
 
 import jax
 import numpy as np
@@ -11,8 +11,9 @@ import pytest
 from jax.sharding import Mesh
 
 import jax_ep
-from tests import cuda_checks
 from jax_ep import local_world
+from jax_ep.backends import hierarchical
+from tests import cuda_checks
 from tests.test_cuda import needs_several_gpus, num_gpus, one_gpu_mesh
 
 pytestmark = pytest.mark.gpu
@@ -77,6 +78,26 @@ def test_processes_sharing_the_gpu_as_two_hosts(world):
         for leg in ("cuda", "xla"):
             for case in cuda_checks.CASES:
                 assert f"hierarchical/{leg} {case.name} ok" in out, out[-4000:]
+
+
+@pytest.mark.parametrize("inter_host", ["ragged", "all_to_all"])
+def test_processes_sharing_the_gpu_inter_host_engines(inter_host):
+    """4 processes sharing the GPU as 2 emulated hosts of 2 ranks (and 4 hosts of 1), with each
+    inter-host engine forced (XLA ragged_all_to_all, with the XLA flag it needs, or all_to_all,
+    over NCCL)
+    and the cuda intra-host leg: dispatch bit-exact, combine and both gradients against the
+    numpy oracle on every process (tests/mh_worker.py, as tests/test_multihost.py on CPUs)."""
+    results = local_world.launch(
+        "tests.mh_worker", 4, ["--mode", "cases", "--platform", "gpu", "--inter-host", inter_host,
+                               "--setups", "given,discovered"],
+        timeout_s=300, nccl_host_per_process=True,
+        env={"XLA_FLAGS": hierarchical.RAGGED_XLA_FLAG} if inter_host == "ragged" else None)
+    log = "\n".join(f"--- process {i} (exit {rc}) ---\n{out}" for i, (rc, out) in
+                    enumerate(results))
+    assert all(rc == 0 for rc, _ in results), log
+    for i in range(4):
+        assert f"process {i}: auto, 2 hosts discovered ok (hosts x ranks 2x2" in log, log
+        assert f"process {i}: cases ok" in log, log
 
 
 def test_processes_sharing_the_gpu_2d_mesh():

@@ -2,16 +2,20 @@
 
 Rank r = (host h, local index l). Dispatch:
   1. layout: the [N, E] count matrix is all-gathered (small) and every rank computes where each
-     of its slots lands, exactly as the flat backends do (layout.route), so d.x, d.weights,
+     of its slots lands, exactly as the flat backends do (routing.route), so d.x, d.weights,
      d.group_sizes and the handle are the flat contract's, bit for bit.
-  2. inter-host leg (XLA all_to_all over the ranks of local index l, one per host): each token
-     crosses to a remote host once, to the rank of the same local index there (its
-     *forwarder*), with the (dest_rank, dest_row) of its slots that land on that host. The
-     forwarder's *pool* holds T tokens from each host: entry (g, t) = token t of rank (g, l).
+  2. inter-host leg, over the ranks of local index l (one per host): a token crosses to host g
+     only if one of its delivered slots lands there, once, to the rank of the same local index
+     (its *forwarder*), with its source token id and the (dest_rank, dest_row) of its slots.
+     Each rank compacts, per host, the tokens it sends there in token order (HostRoute); the
+     engine (InterHostEngine) is XLA's ragged_all_to_all after a count exchange (GPUs: only the
+     routed tokens move) or a static all_to_all of T entries per host (elsewhere). The
+     forwarder expands what arrived into its *pool*: entry g * T + t = token t of rank (g, l).
   3. intra-host leg (IntraHostLeg): the forwarder hands each rank of its host the pool tokens
      with slots there, and that rank places each slot's row at its dest_row.
 Combine runs the legs backwards: each rank sums its rows per (source rank, token) in float32,
-the forwarder sums those of its host, and one float32 partial per (token, host) crosses back.
+the forwarder sums those of its host, and the partial of each pool token that came in goes
+back along the same compacted route, in the rows' dtype (EPConfig.f32_partials: float32).
 
 The intra-host leg is an object with two methods (deliver, collect): the pure-JAX one here, or
 the cuda kernels' (jax_ep/backends/cuda/intra_host.py), which write rows straight into the
@@ -20,7 +24,9 @@ receivers' rows over NVLink (docs/multihost.md).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+import os
+
+from typing import NamedTuple, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,11 +40,50 @@ from jax_ep.topology import Topology
 from jax_ep.types import Handle
 
 _f32 = jnp.float32
+_i32 = jnp.int32
+
+INTER_HOST = ("auto", "ragged", "all_to_all")
+# Platforms whose XLA implements ragged-all-to-all (XLA:CPU: "UNIMPLEMENTED: ragged-all-to-all").
+RAGGED_PLATFORMS = ("gpu",)
+# XLA's GPU ragged-all-to-all between processes of different hosts runs as NCCL send/recv only
+# when this flag allows it (else: "INVALID_ARGUMENT: RaggedAllToAll fallback to NCCL is not
+# allowed"; seen on jax 0.11.2). It must be in XLA_FLAGS before JAX starts its GPU backend,
+# which a library cannot do for its user, so "auto" takes the ragged engine only when it is set.
+RAGGED_XLA_FLAG = "--xla_gpu_allow_ragged_all_to_all_nccl_send_recv_fallback=true"
+
+
+def ragged_flag_set(xla_flags: str | None = None) -> bool:
+    """Whether XLA_FLAGS (or `xla_flags`) allows ragged_all_to_all across hosts over NCCL."""
+    flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
+    return RAGGED_XLA_FLAG in flags.split()
+
+
+def resolve_inter_host(inter_host: str, platforms: Sequence[str],
+                       xla_flags: str | None = None) -> str:
+    """The inter-host engine for a group on devices of `platforms`: "ragged" on GPUs when
+    XLA_FLAGS holds RAGGED_XLA_FLAG, else "all_to_all"; a forced "ragged" where it cannot run
+    is a ValueError saying what is missing."""
+    if inter_host not in INTER_HOST:
+        raise ValueError(f"EPGroup: inter_host must be one of {INTER_HOST}, got {inter_host!r}")
+    ragged_platform = set(platforms) <= set(RAGGED_PLATFORMS)
+    flag = ragged_flag_set(xla_flags)
+    if inter_host == "auto":
+        return "ragged" if ragged_platform and flag else "all_to_all"
+    if inter_host == "ragged" and not ragged_platform:
+        raise ValueError(f"EPGroup: inter_host='ragged' needs devices whose XLA implements "
+                         f"ragged_all_to_all ({', '.join(RAGGED_PLATFORMS)}), got "
+                         f"{sorted(set(platforms))}; use inter_host='all_to_all' (or 'auto')")
+    if inter_host == "ragged" and not flag:
+        raise ValueError(f"EPGroup: inter_host='ragged' needs XLA_FLAGS to hold "
+                         f"{RAGGED_XLA_FLAG} before JAX starts (XLA refuses ragged_all_to_all "
+                         f"between hosts over NCCL without it); or use inter_host='all_to_all'")
+    return inter_host
 
 
 class Pool(NamedTuple):
     """What a forwarder holds after the inter-host leg; P = num_hosts * T entries, entry
-    g * T + t = token t of the rank of this local index on host g.
+    g * T + t = token t of the rank of this local index on host g (zeros and -1 for tokens
+    that did not come: those with no slot on this host).
 
       x:         [P, H] tokens, or None when only values move.
       values:    [P, k] float32 per-slot values (routing weights, cotangents), or None.
@@ -67,7 +112,8 @@ class IntraHostLeg(Protocol):
         """Receivers' rows -> per forwarder (pool_sum [P, H] f32 | None: the sum over this
         host's rows of each pool token's slots, in a fixed order, of f32(row_scale) *
         f32(rows); pool_values [P, k] f32 | None: each slot's row value; slots not on this
-        host are ignored by the caller)."""
+        host are ignored by the caller; held [P] bool: the pool tokens with a slot on this
+        host, i.e. those the inter-host leg brought, which go back)."""
 
     def check_row_width(self, op: str, hidden: int, dtype) -> None: ...
 
@@ -83,6 +129,141 @@ def _all_to_all(x: jax.Array, axis_name: str, groups: list[list[int]]) -> jax.Ar
         return x
     return lax.all_to_all(x, axis_name, 0, 0,
                           axis_index_groups=None if len(groups) == 1 else groups)
+
+
+# --- the inter-host route: which tokens cross to which host ------------------------------------
+
+
+class HostRoute(NamedTuple):
+    """One rank's tokens per destination host, compacted in token order.
+
+      order: [num_hosts, T] int32, order[g, i] = the i-th token with a slot landing on host g,
+             for i < count[g]; T (out of range) past it.
+      count: [num_hosts] int32 tokens per host (this rank's own host included).
+    """
+
+    order: jax.Array
+    count: jax.Array
+
+
+def compact(has: jax.Array) -> HostRoute:
+    """has [G, T] bool -> the HostRoute of the True entries of each row, in index order."""
+    t = has.shape[1]
+    count = jnp.sum(has, axis=1, dtype=_i32)
+    order = jnp.argsort(~has, axis=1, stable=True).astype(_i32)
+    return HostRoute(jnp.where(jnp.arange(t)[None] < count[:, None], order, t), count)
+
+
+def slot_hosts(dest_rank: jax.Array, topo: Topology) -> jax.Array:
+    """[T, k] int32: the host of each delivered slot, -1 where not delivered."""
+    host_of = jnp.asarray(topo.host_of, _i32)
+    return jnp.where(dest_rank >= 0, host_of[jnp.maximum(dest_rank, 0)], -1)
+
+
+def host_route(dest_rank: jax.Array, topo: Topology) -> HostRoute:
+    """The inter-host route of one rank's tokens from its handle's dest_rank [T, k]: a token goes
+    to host g once if at least one of its delivered slots lands there."""
+    hosts = jnp.arange(topo.num_hosts, dtype=_i32)
+    return compact(jnp.any(slot_hosts(dest_rank, topo)[None] == hosts[:, None, None], axis=-1))
+
+
+def inter_host_tokens(handle: Handle, topo: Topology) -> jax.Array:
+    """[num_hosts] int32, per rank inside shard_map: the tokens this rank's dispatch sends to
+    each host (its own host's entry stays on the host), and the partials its combine gets back
+    from each. What the inter-host leg moves (docs/multihost.md); see entry_bytes."""
+    return host_route(handle.dest_rank, topo).count
+
+
+def _dispatch_fields(top_k: int, hidden: int | None, dtype, with_values: bool):
+    """The per-token record of the forward leg: [(trailing shape, dtype)], in packing order."""
+    fields = [((), _i32), ((top_k,), _i32), ((top_k,), _i32)]  # token id, dest rank, dest row
+    if hidden is not None:
+        fields.append(((hidden,), jnp.dtype(dtype)))
+    if with_values:
+        fields.append(((top_k,), jnp.dtype(_f32)))
+    return fields
+
+
+def _combine_fields(top_k: int, hidden: int | None, dtype, with_values: bool):
+    """The per-token record of the backward leg: partial sum, slot values."""
+    fields = [((hidden,), jnp.dtype(dtype))] if hidden is not None else []
+    return fields + ([((top_k,), jnp.dtype(_f32))] if with_values else [])
+
+
+def _record_bytes(fields) -> int:
+    return sum(int(np.prod(shape, dtype=np.int64)) * jnp.dtype(dt).itemsize
+               for shape, dt in fields)
+
+
+def entry_bytes(direction: str, top_k: int, hidden: int | None, dtype,
+                with_values: bool) -> int:
+    """Bytes of one token's record crossing to one host: direction "dispatch" (token id,
+    (dest_rank, dest_row) per slot, the row of `hidden` elements of `dtype` if any, the slot
+    values if with_values) or "combine" (the partial in `dtype`, the slot values). Times
+    inter_host_tokens, the bytes an engine that moves only routed tokens (ragged) sends."""
+    fields = {"dispatch": _dispatch_fields, "combine": _combine_fields}[direction]
+    return _record_bytes(fields(top_k, hidden, dtype, with_values))
+
+
+def _pack(parts: list[jax.Array], lead: int) -> jax.Array:
+    """Arrays sharing their first `lead` dims -> uint8 [*lead dims, bytes], their bytes side by
+    side: one collective moves them all (between hosts each collective pays the latency)."""
+    shape = parts[0].shape[:lead]
+    return jnp.concatenate([lax.bitcast_convert_type(a, jnp.uint8).reshape(shape + (-1,))
+                            for a in parts], axis=-1)
+
+
+def _unpack(packed: jax.Array, fields) -> list[jax.Array]:
+    """Inverse of _pack: uint8 [..., bytes] -> one array per (trailing shape, dtype) field."""
+    lead, out, at = packed.shape[:-1], [], 0
+    for shape, dt in fields:
+        size = jnp.dtype(dt).itemsize
+        n = size * int(np.prod(shape, dtype=np.int64))
+        piece = packed[..., at:at + n].reshape(lead + tuple(shape) + ((size,) if size > 1 else ()))
+        out.append(lax.bitcast_convert_type(piece, dt))
+        at += n
+    return out
+
+
+class InterHostEngine:
+    """Moves each rank's compacted per-host chunks to the rank of its local index on each host.
+
+    send [num_hosts, T, B] uint8: chunk g (its first send_count[g] entries valid) for host g.
+    Returns [num_hosts, T, B]: chunk g from host g in the same place, its first recv_count[g]
+    entries valid, the rest `fill` bytes (ragged) or whatever the sender's padding held
+    (all_to_all: callers pad with `fill` too). "all_to_all" moves every chunk whole (T entries
+    per host: static shapes, no count needed); "ragged" moves only the valid entries, and needs
+    recv_count (a count exchange before a dispatch; combine knows it from its own route)."""
+
+    def __init__(self, kind: str, axis_name: str, topo: Topology):
+        self.kind = kind
+        self.axis_name = axis_name
+        self.topo = topo
+        self.groups = topo.inter_groups()
+
+    @property
+    def needs_counts(self) -> bool:
+        return self.kind == "ragged" and len(self.groups[0]) > 1
+
+    def exchange_counts(self, send_count: jax.Array) -> jax.Array:
+        """[num_hosts] int32 sent to each host -> [num_hosts] received from each host."""
+        return _all_to_all(send_count[:, None], self.axis_name, self.groups)[:, 0]
+
+    def exchange(self, send: jax.Array, send_count: jax.Array, recv_count: jax.Array | None,
+                 fill: int) -> jax.Array:
+        nh, t, width = send.shape
+        if len(self.groups[0]) == 1:
+            return send
+        if self.kind == "all_to_all":
+            return _all_to_all(send, self.axis_name, self.groups)
+        my_host = jnp.asarray(self.topo.host_of, _i32)[lax.axis_index(self.axis_name)]
+        starts = jnp.arange(nh, dtype=_i32) * t  # chunk g at g * T, on both sides
+        got = lax.ragged_all_to_all(
+            send.reshape(nh * t, width), jnp.full((nh * t, width), fill, jnp.uint8),
+            starts, send_count, jnp.full((nh,), my_host * t, _i32), recv_count,
+            axis_name=self.axis_name,
+            axis_index_groups=None if len(self.groups) == 1 else self.groups)
+        return got.reshape(nh, t, width)
 
 
 class XlaIntraHostLeg(NoDeviceState):
@@ -189,17 +370,23 @@ class XlaIntraHostLeg(NoDeviceState):
             pool_values = jnp.full((p, k), -0.0, _f32)
             for l in range(num_local):
                 pool_values = pool_values.at[pool_index[l]].add(vals[l], mode="drop")
-        return pool_sum, pool_values
+        held = jnp.zeros(p, bool).at[pool_index.reshape(-1)].set(True, mode="drop")
+        return pool_sum, pool_values, held
 
 
 class HierarchicalBackend:
-    """Two-leg dispatch/combine over `topo`'s hosts; see the module docstring."""
+    """Two-leg dispatch/combine over `topo`'s hosts; see the module docstring.
 
-    def __init__(self, axis_name: str, topo: Topology, intra: IntraHostLeg | None = None):
+    inter_host: the engine of the inter-host leg ("ragged" or "all_to_all", InterHostEngine).
+    f32_partials: combine's partial sums cross hosts in float32 instead of the rows' dtype."""
+
+    def __init__(self, axis_name: str, topo: Topology, intra: IntraHostLeg | None = None,
+                 inter_host: str = "all_to_all", f32_partials: bool = False):
         topo.check_uniform("EPGroup(backend='hierarchical')")
         self.axis_name = axis_name
         self.topo = topo
-        self.inter_groups = topo.inter_groups()
+        self.engine = InterHostEngine(inter_host, axis_name, topo)
+        self.f32_partials = f32_partials
         self.intra = intra if intra is not None else XlaIntraHostLeg(axis_name, topo)
 
     def check_row_width(self, op: str, hidden: int, dtype) -> None:
@@ -211,62 +398,40 @@ class HierarchicalBackend:
     def close(self) -> None:
         self.intra.close()
 
-    def _inter(self, x):
-        """[num_hosts, ...] entry g for host g -> [num_hosts, ...] entry g from host g."""
-        return _all_to_all(x, self.axis_name, self.inter_groups)
-
-    def _inter_packed(self, parts: list) -> list:
-        """_inter of several [num_hosts, T, ...] arrays as one collective: their bytes side by
-        side per (host, token). Between hosts each collective pays the network's latency, so a
-        dispatch moves its routing, weights and tokens in one."""
-        if len(parts) == 1 or len(self.inter_groups[0]) == 1:  # one host: nothing to move
-            return [self._inter(a) for a in parts]
-        nh, t = parts[0].shape[:2]
-        packed = jnp.concatenate(
-            [lax.bitcast_convert_type(a, jnp.uint8).reshape(nh, t, -1) for a in parts], axis=-1)
-        got = self._inter(packed)
-        out, at = [], 0
-        for a in parts:
-            size = a.dtype.itemsize
-            n = size * int(np.prod(a.shape[2:], dtype=np.int64))
-            piece = got[..., at:at + n].reshape(a.shape + ((size,) if size > 1 else ()))
-            out.append(lax.bitcast_convert_type(piece, a.dtype))
-            at += n
-        return out
-
-    def _dest_host(self, dest_rank):
-        host_of = jnp.asarray(self.topo.host_of, jnp.int32)
-        return jnp.where(dest_rank >= 0, host_of[jnp.maximum(dest_rank, 0)], -1)
-
     # --- forward: source -> forwarder -> receiver ------------------------------------------------
 
-    def _routing_out(self, dest_rank, dest_row):
-        """[num_hosts, T, k, 2] int32: for each host, (dest_rank, dest_row) of the slots landing
-        there, -1 elsewhere; 2k int32 per token cross each remote host."""
-        nh = self.topo.num_hosts
-        on_host = self._dest_host(dest_rank)[None] == jnp.arange(nh)[:, None, None]  # [nh, T, k]
-        return jnp.stack([jnp.where(on_host, dest_rank[None], -1),
-                          jnp.where(on_host, dest_row[None], -1)], axis=-1)
+    def _send(self, parts: list[jax.Array], route: HostRoute) -> jax.Array:
+        """Per-token arrays [T, ...] -> what the forwarders of every host got: uint8
+        [num_hosts, T, B], chunk g = the records of host g's sender, valid where the token id
+        (first field) is >= 0 (padding is all 0xff bytes: id -1)."""
+        send = jnp.take(_pack(parts, 1), route.order, axis=0, mode="fill", fill_value=0xFF)
+        recv_count = self.engine.exchange_counts(route.count) if self.engine.needs_counts else None
+        return self.engine.exchange(send, route.count, recv_count, fill=0xFF)
 
-    def _pool_routing(self, dest_rank, dest_row, sizes: CallShape) -> Pool:
-        """The forwarder's pool routing alone (combine's, for a leg that collects by it)."""
-        meta = self._inter(self._routing_out(dest_rank, dest_row))
-        meta = meta.reshape(self.topo.num_hosts * sizes.num_tokens, sizes.top_k, 2)
-        return Pool(None, None, meta[..., 0], meta[..., 1])
-
-    def _forward(self, x, slot_values, dest_rank, dest_row, num_recv, sizes: CallShape):
+    def _pool(self, x, values, dest_rank, dest_row, sizes: CallShape) -> Pool:
+        """Sends each token with its routing (and x, values if given) to the hosts of its slots
+        and returns this forwarder's pool, expanded to entry g * T + t."""
         nh, t, k = self.topo.num_hosts, sizes.num_tokens, sizes.top_k
         p = nh * t
-        parts = [self._routing_out(dest_rank, dest_row)]
-        if x is not None:
-            parts.append(jnp.broadcast_to(x, (nh,) + x.shape))
-        if slot_values is not None:
-            parts.append(jnp.broadcast_to(slot_values, (nh, t, k)))
-        got = self._inter_packed(parts)
-        meta = got[0].reshape(p, k, 2)
-        pool = Pool(got[1].reshape(p, x.shape[1]) if x is not None else None,
-                    got[-1].reshape(p, k) if slot_values is not None else None,
-                    meta[..., 0], meta[..., 1])
+        parts = [jnp.arange(t, dtype=_i32), dest_rank, dest_row]
+        parts += [a for a in (x, values) if a is not None]
+        fields = _dispatch_fields(k, x.shape[1] if x is not None else None,
+                                  x.dtype if x is not None else None, values is not None)
+        got = _unpack(self._send(parts, host_route(dest_rank, self.topo)), fields)
+        token, ranks, rows = got[:3]  # [nh, T], [nh, T, k], [nh, T, k]
+        entry = jnp.where(token >= 0, jnp.arange(nh, dtype=_i32)[:, None] * t + token, p)
+        my_host = jnp.asarray(self.topo.host_of, _i32)[lax.axis_index(self.axis_name)]
+        here = slot_hosts(ranks, self.topo) == my_host  # padding: rank -1, never here
+
+        def expand(a, fill):
+            return jnp.full((p,) + a.shape[2:], fill, a.dtype).at[entry].set(a, mode="drop")
+
+        return Pool(expand(got[3], 0) if x is not None else None,
+                    expand(got[-1], 0) if values is not None else None,
+                    expand(jnp.where(here, ranks, -1), -1), expand(jnp.where(here, rows, -1), -1))
+
+    def _forward(self, x, slot_values, dest_rank, dest_row, num_recv, sizes: CallShape):
+        pool = self._pool(x, slot_values, dest_rank, dest_row, sizes)
         return self.intra.deliver(pool, num_recv, sizes)
 
     def dispatch(self, x, topk_idx, topk_weights, sizes: CallShape):
@@ -286,24 +451,44 @@ class HierarchicalBackend:
 
     # --- backward: receiver -> forwarder -> source -----------------------------------------------
 
+    def _send_back(self, parts: list[jax.Array], held: jax.Array, route: HostRoute):
+        """Per pool entry [num_hosts, T, ...] on the forwarder -> on the source, the records its
+        tokens got back from each host, [num_hosts, T, B] compacted along its own route (the
+        forwarder holds exactly the tokens the source sent it, so both sides compact the same
+        set in token order, and neither needs the other's counts)."""
+        back = compact(held)
+        packed = _pack(parts, 2)
+        send = jnp.take_along_axis(packed, jnp.minimum(back.order, packed.shape[1] - 1)[..., None],
+                                   axis=1)
+        return self.engine.exchange(send, back.count, route.count, fill=0)
+
     def combine(self, rows, row_scale, row_values, handle: Handle, sizes: CallShape):
-        nh, t = self.topo.num_hosts, sizes.num_tokens
-        pool = (self._pool_routing(handle.dest_rank, handle.dest_row, sizes)
+        nh, t, k = self.topo.num_hosts, sizes.num_tokens, sizes.top_k
+        pool = (self._pool(None, None, handle.dest_rank, handle.dest_row, sizes)
                 if self.intra.collect_needs_pool else None)
-        pool_sum, pool_values = self.intra.collect(rows, row_scale, row_values, handle, pool,
-                                                   sizes)
-        out = slot_values = None
-        parts = [a.reshape((nh, t, -1)) for a in (pool_sum, pool_values) if a is not None]
-        back_parts = self._inter_packed(parts)
+        pool_sum, pool_values, held = self.intra.collect(rows, row_scale, row_values, handle,
+                                                         pool, sizes)
+        partial_dtype = _f32 if self.f32_partials else rows.dtype if rows is not None else None
+        parts = []
         if pool_sum is not None:
-            back = back_parts[0]  # [host, T, H] partial sums
-            acc = back[0]
-            for g in range(1, nh):  # fixed order over hosts
-                acc = acc + back[g]
+            parts.append(pool_sum.astype(partial_dtype).reshape(nh, t, -1))
+        if pool_values is not None:
+            parts.append(pool_values.reshape(nh, t, k))
+        route = host_route(handle.dest_rank, self.topo)
+        fields = _combine_fields(k, rows.shape[1] if pool_sum is not None else None,
+                                 partial_dtype, pool_values is not None)
+        got = _unpack(self._send_back(parts, held.reshape(nh, t), route), fields)
+        out = slot_values = None
+        if pool_sum is not None:
+            acc = jnp.zeros((t, rows.shape[1]), _f32)
+            for g in range(nh):  # fixed order over hosts
+                acc = acc.at[route.order[g]].add(got[0][g].astype(_f32), mode="drop")
             out = acc.astype(rows.dtype)
         if pool_values is not None:
-            back = back_parts[-1]  # [host, T, k]
-            dest_host = self._dest_host(handle.dest_rank)
-            picked = jnp.take_along_axis(back, jnp.maximum(dest_host, 0)[None], axis=0)[0]
+            # Each slot's value comes from the one host holding it.
+            by_token = jnp.zeros((nh, t, k), _f32).at[
+                jnp.arange(nh)[:, None], route.order].set(got[-1], mode="drop")
+            dest_host = slot_hosts(handle.dest_rank, self.topo)
+            picked = jnp.take_along_axis(by_token, jnp.maximum(dest_host, 0)[None], axis=0)[0]
             slot_values = jnp.where(dest_host >= 0, picked, jnp.zeros((), _f32))
         return out, slot_values

@@ -6,8 +6,10 @@ landing on this host, so deliver is the cuda backend's redispatch: each forwarde
 token once per receiving rank, straight to its final rows there, with no compaction and no
 padding (the pure-JAX leg sends each peer a static chunk of min(P, C) tokens). collect is its
 combine: each receiver pushes rows back to the forwarder's slots, and the forwarder sums a pool
-token's slots in slot order, in float32 (the partial that crosses hosts; no rounding to the
-rows' type before the hosts are added).
+token's slots in slot order, in float32 (the backend rounds it to the rows' dtype before it
+crosses hosts unless EPConfig.f32_partials). The pool holds only the tokens the inter-host leg
+brought (the others have no slot here), at their fixed entries, so its size and the buffers'
+do not depend on the routing.
 
 Row ids inside a host group are the group's own (local index l of the forwarder, pool entry p):
 l * P * k + p * k + j. They convert to and from the flat contract's s * T * k + t * k + j by the
@@ -84,6 +86,7 @@ class CudaIntraHostLeg(StateOwner):
         entry = jnp.asarray(self._host_of)[src] * t + (code // k) % t
         group_src = jnp.where(held, (jnp.asarray(self._local_of)[src] * p + entry) * k + code % k,
                               -1)
-        return calls.combine(rows, row_scale, row_values, self._local(pool.dest_rank),
-                             pool.dest_row, group_src, handle.num_recv, out_f32=True,
-                             **self.call_attrs(sizes))
+        pool_sum, pool_values = calls.combine(
+            rows, row_scale, row_values, self._local(pool.dest_rank), pool.dest_row, group_src,
+            handle.num_recv, out_f32=True, **self.call_attrs(sizes))
+        return pool_sum, pool_values, jnp.any(pool.dest_rank >= 0, axis=-1)

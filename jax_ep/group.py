@@ -82,7 +82,9 @@ class EPGroup:
       inter_host: the hierarchical backend's engine between hosts: "ragged" (XLA
         ragged_all_to_all after a count exchange: each token crosses only to the hosts of its
         slots; GPUs only), "all_to_all" (a static chunk of T tokens per host; every platform),
-        or "auto" (ragged on GPUs, else all_to_all). Other backends ignore it.
+        or "auto" (ragged on GPUs when XLA_FLAGS holds
+        hierarchical.RAGGED_XLA_FLAG, which XLA needs to run it between hosts, else
+        all_to_all). Other backends ignore it.
 
     Creation is collective over the processes holding the mesh's devices: each checks that the
     others created the same group (ValueError naming the differing process and fields) and a

@@ -8,8 +8,8 @@ Rank r = (host h, local index l). Dispatch:
      only if one of its delivered slots lands there, once, to the rank of the same local index
      (its *forwarder*), with its source token id and the (dest_rank, dest_row) of its slots.
      Each rank compacts, per host, the tokens it sends there in token order (HostRoute); the
-     engine (InterHostEngine) is XLA's ragged_all_to_all after a count exchange (GPUs: only the
-     routed tokens move) or a static all_to_all of T entries per host (elsewhere). The
+     engine (InterHostEngine) is XLA's ragged_all_to_all after a count exchange (GPUs with
+     RAGGED_XLA_FLAG: only the routed tokens move) or a static all_to_all of T entries per host. The
      forwarder expands what arrived into its *pool*: entry g * T + t = token t of rank (g, l).
   3. intra-host leg (IntraHostLeg): the forwarder hands each rank of its host the pool tokens
      with slots there, and that rank places each slot's row at its dest_row.

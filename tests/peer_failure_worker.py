@@ -185,18 +185,23 @@ def closes_after_create_scenario(ctx: Context) -> bool:
     return True
 
 
-def killed_between_calls_scenario(ctx: Context) -> bool:
-    """One step together (a rematerialised gradient step), then process 1 is SIGKILLed;
-    process 0's next step fails."""
+def _step_then_killed(ctx: Context, victim: int, remat: bool = False) -> bool:
+    """One step together, then process `victim` is SIGKILLed and the survivors step again."""
     group = ctx.group()
-    step = ctx.step(group, remat=True)
+    step = ctx.step(group, remat=remat)
     attempt("first_step", step, group)
     client().wait_at_barrier("first_step_done", 60_000)
-    if ctx.rank == 1:
+    if ctx.rank == victim:
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(0.5)
     attempt("next_step", step, group)
     return False
+
+
+def killed_between_calls_scenario(ctx: Context) -> bool:
+    """One step together (a rematerialised gradient step), then process 1 is SIGKILLed;
+    process 0's next step fails."""
+    return _step_then_killed(ctx, victim=1, remat=True)
 
 
 def dies_mid_step_scenario(ctx: Context) -> bool:
@@ -283,15 +288,7 @@ def gloo_flag_scenario(ctx: Context) -> bool:
 
 def service_host_killed_scenario(ctx: Context) -> bool:
     """One step together, then process 0 (which runs the coordination service) is SIGKILLed."""
-    group = ctx.group()
-    step = ctx.step(group)
-    attempt("first_step", step, group)
-    client().wait_at_barrier("first_step_done", 60_000)
-    if ctx.rank == 0:
-        os.kill(os.getpid(), signal.SIGKILL)
-    time.sleep(0.5)
-    attempt("next_step", step, group)
-    return False
+    return _step_then_killed(ctx, victim=0)
 
 
 if __name__ == "__main__":

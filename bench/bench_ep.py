@@ -38,6 +38,7 @@ from jax_ep._cli import FlagParser
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import (SHAPES, copy_kernel_times, copy_time, make_inputs, span,  # noqa: E402
                           timed)
+from jax_ep.bench import must_move_bytes  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -80,23 +81,20 @@ def bench_shape(name, args, mesh, results, to_global, world, copy_kernel_ok=Fals
     host_sets = make_inputs(rng, world, t, h, k, e, sets=args.reps)
     sets = [tuple(to_global(a) for a in s) for s in host_sets]
     c = world * t * k
-    itemsize = 2
-    bytes_dispatch = (t * h + c * h) * itemsize
-    bytes_combine = (c * h + t * h) * itemsize
+    # Dispatch and combine move the same bytes (one reads what the other writes): the copy
+    # baselines are timed once and stand beside both.
+    nbytes = must_move_bytes(world, t, h, k)
     row = dict(shape=name, T=t, H=h, k=k, E=e, world=world, C=c,
-               bytes_dispatch=bytes_dispatch, bytes_combine=bytes_combine)
+               bytes_dispatch=nbytes, bytes_combine=nbytes)
 
     if world == 1:
-        for op, nbytes in (("dispatch", bytes_dispatch), ("combine", bytes_combine)):
-            row[f"copy_{op}_s"], row[f"copy_{op}_span_s"] = copy_time(nbytes, args.reps,
-                                                                      args.trials)
+        copy_s, copy_span_s = copy_time(nbytes, args.reps, args.trials)
+        for op in ("dispatch", "combine"):
+            row[f"copy_{op}_s"], row[f"copy_{op}_span_s"] = copy_s, copy_span_s
     if world == 1 and copy_kernel_ok:
-        by_bytes = {}  # dispatch and combine move the same bytes: time them once
-        for op, nbytes in (("dispatch", bytes_dispatch), ("combine", bytes_combine)):
-            if nbytes not in by_bytes:
-                by_bytes[nbytes] = copy_kernel_times(nbytes, copy_budgets(args), args.reps,
-                                                     args.trials)
-            for sms, (wall, on_gpu) in by_bytes[nbytes].items():
+        kernel_times = copy_kernel_times(nbytes, copy_budgets(args), args.reps, args.trials)
+        for op in ("dispatch", "combine"):
+            for sms, (wall, on_gpu) in kernel_times.items():
                 row[f"copy_kernel_sms{sms}_{op}_s"] = wall
                 row[f"copy_kernel_sms{sms}_{op}_span_s"] = on_gpu
 

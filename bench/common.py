@@ -14,8 +14,8 @@ import tempfile
 import time
 
 from jax_ep import local_world
-from jax_ep.bench import SHAPES, copy_program, copy_wall_time, make_inputs  # noqa: F401
-from jax_ep.bench import multi_call_program
+from jax_ep.bench import SHAPES, copy_program, make_inputs  # noqa: F401
+from jax_ep.bench import multi_call_program, wall_time
 from jax_ep.bench import timed as _timed
 
 _barrier_count = 0
@@ -52,7 +52,7 @@ def copy_time(nbytes: int, reps: int, trials: int) -> tuple[float, float | None]
     """Per-copy seconds (wall as in `timed`, and span) of jax_ep.bench.copy_program: an XLA
     device-to-device copy moving `nbytes` (read + write)."""
     program, a = copy_program(nbytes, reps)
-    return copy_wall_time(nbytes, reps, trials), steady_span_s(program, [a], reps)
+    return wall_time(program, [a], reps, trials), steady_span_s(program, [a], reps)
 
 
 def copy_kernel_times(nbytes: int, budgets, reps: int,

@@ -43,27 +43,33 @@ def multi_call_program(fn: Callable, reps: int) -> Callable:
     return _programs[(fn, reps)]
 
 
-def timed(fn: Callable, input_sets: Sequence[tuple], reps: int, trials: int,
-          before_run: Callable[[], None] | None = None) -> float:
-    """Per-call seconds of `fn` run as one program: `reps` calls, each on its own input set, in
-    one jitted program that returns every output. Wall clock from the Python call to the outputs
-    being ready, median over `trials` runs, divided by `reps`: device time, the gaps between
-    kernels, and JAX's cost of launching the program (paid once per run). `before_run` runs
-    before each timed run (e.g. a barrier across processes)."""
+def wall_time(program: Callable, args: Sequence, reps: int, trials: int,
+              before_run: Callable[[], None] | None = None) -> float:
+    """Per-call seconds of `program(*args)`, which makes `reps` calls: wall clock from the
+    Python call to the outputs being ready, median over `trials` runs after one warm-up (and
+    compilation) run, divided by `reps`. `before_run` runs before each timed run (e.g. a
+    barrier across processes)."""
     import jax
 
-    reps = min(reps, len(input_sets))
-    program = multi_call_program(fn, reps)
-    chosen = input_sets[:reps]
-    jax.block_until_ready(program(*chosen))  # compile and warm up
+    jax.block_until_ready(program(*args))  # compile and warm up
     samples = []
     for _ in range(trials):
         if before_run is not None:
             before_run()
         t0 = time.perf_counter()
-        jax.block_until_ready(program(*chosen))
+        jax.block_until_ready(program(*args))
         samples.append((time.perf_counter() - t0) / reps)
     return statistics.median(samples)
+
+
+def timed(fn: Callable, input_sets: Sequence[tuple], reps: int, trials: int,
+          before_run: Callable[[], None] | None = None) -> float:
+    """Per-call seconds of `fn` run as one program: `reps` calls, each on its own input set, in
+    one jitted program that returns every output (wall_time of multi_call_program): device
+    time, the gaps between kernels, and JAX's cost of launching the program (paid once per
+    run)."""
+    reps = min(reps, len(input_sets))
+    return wall_time(multi_call_program(fn, reps), input_sets[:reps], reps, trials, before_run)
 
 
 def copy_program(nbytes: int, reps: int) -> tuple[Callable, Any]:
@@ -81,20 +87,6 @@ def copy_program(nbytes: int, reps: int) -> tuple[Callable, Any]:
         return a
 
     return jax.jit(chain), jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
-
-
-def copy_wall_time(nbytes: int, reps: int, trials: int) -> float:
-    """Per-copy wall seconds of copy_program, timed as `timed` times a call."""
-    import jax
-
-    program, a = copy_program(nbytes, reps)
-    jax.block_until_ready(program(a))
-    samples = []
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        jax.block_until_ready(program(a))
-        samples.append((time.perf_counter() - t0) / reps)
-    return statistics.median(samples)
 
 
 def make_inputs(rng, world: int, t: int, h: int, k: int, e: int, sets: int = 4) -> list[tuple]:
@@ -142,7 +134,9 @@ def run(shape: str = "deepseek_v3", tokens: int = 0, backend: str = "auto",
     host_sets = make_inputs(np.random.default_rng(0), world, t, h, k, e, sets=reps)
     sets = [tuple(per_rank.to_global(a, mesh) for a in s) for s in host_sets]
     nbytes = must_move_bytes(world, t, h, k)
-    copy_s = copy_wall_time(nbytes, reps, trials)
+    copy, copy_arg = copy_program(nbytes, reps)
+    copy_s = wall_time(copy, [copy_arg], reps, trials)
+    del copy_arg
     rows = []
     for sms in num_sms:
         cfg = jax_ep.EPConfig(num_experts=e, top_k=k, max_tokens=t, hidden_size=h,

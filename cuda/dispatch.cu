@@ -15,7 +15,21 @@ namespace normal {
 namespace {
 
 constexpr int kThreads = 1024;
-constexpr int kSendPerLane = 8;  // 16-byte loads in flight per lane
+
+// The send pass's block shape. Its loads stay 8 a lane at 1024 threads except for wide fan-outs
+// (k >= 4) whose tokens give every warp a whole row: there 512 threads with 16 loads a lane move
+// the k copies faster (DeepSeek-V3 shape, 24 SMs, H100: 411 against 441 us). Elsewhere the wide
+// shape was slower (Mixtral, k = 2: 144 against 134 us at 24 SMs; decode, T = 128 at 132 SMs:
+// 18.6 against 15.9 us): bench/RESULTS.md, "Against a copy kernel ...".
+struct SendShape {
+  int threads;
+  int per_lane;  // 16-byte loads in flight per lane
+};
+constexpr SendShape kSendNarrow{1024, 8}, kSendWide{512, 16};
+SendShape ChooseSendShape(const CallShape& s) {
+  const long long wide_warps = static_cast<long long>(s.num_sms) * kSendWide.threads / 32;
+  return s.top_k >= 4 && s.tokens >= 2 * wide_warps ? kSendWide : kSendNarrow;
+}
 
 struct SendParams {
   CommEnv env;
@@ -53,8 +67,8 @@ struct FinalizeParams {
   int32_t* out_row_src;
 };
 
-template <bool kDispatch>
-__global__ void __launch_bounds__(kThreads) SendKernel(SendParams p) {
+template <bool kDispatch, int kSendThreads, int kSendPerLane>
+__global__ void __launch_bounds__(kSendThreads) SendKernel(SendParams p) {
   const CommEnv& env = p.env;
   const CallShape& s = p.shape;
   const BufferMap& L = env.map;
@@ -195,6 +209,18 @@ __global__ void __launch_bounds__(kThreads) FinalizeKernel(FinalizeParams p) {
   ZeroTail(p.num_recv, capacity, vecs, p.out_x, p.out_values, p.out_row_src);
 }
 
+template <bool kDispatch>
+cudaError_t LaunchSend(const SendParams& p, cudaStream_t stream) {
+  if (ChooseSendShape(p.shape).threads == kSendWide.threads) {
+    SendKernel<kDispatch, kSendWide.threads, kSendWide.per_lane>
+        <<<p.shape.num_sms, kSendWide.threads, 0, stream>>>(p);
+  } else {
+    SendKernel<kDispatch, kSendNarrow.threads, kSendNarrow.per_lane>
+        <<<p.shape.num_sms, kSendNarrow.threads, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 cudaError_t LaunchDispatch(const DispatchArgs& a, cudaStream_t stream) {
@@ -206,8 +232,7 @@ cudaError_t LaunchDispatch(const DispatchArgs& a, cudaStream_t stream) {
   SendParams sp{a.env, s, static_cast<const int4*>(a.x), a.topk_weights, a.topk_idx,
                 a.dest_rank, a.dest_row, static_cast<int4*>(a.out_x), a.out_weights, a.row_src,
                 a.num_recv};
-  SendKernel<true><<<s.num_sms, kThreads, 0, stream>>>(sp);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if ((err = LaunchSend<true>(sp, stream)) != cudaSuccess) return err;
   if (a.env.num_ranks == 1) return cudaSuccess;  // the send pass wrote every row
   FinalizeParams fp{a.env, s, a.num_recv, static_cast<int4*>(a.out_x), a.out_weights, a.row_src};
   FinalizeKernel<<<s.num_sms, kThreads, 0, stream>>>(fp);
@@ -224,8 +249,7 @@ cudaError_t LaunchRedispatch(const RedispatchArgs& a, cudaStream_t stream) {
   SendParams sp{a.env, s, static_cast<const int4*>(a.x), a.slot_values, nullptr,
                 const_cast<int32_t*>(a.dest_rank), const_cast<int32_t*>(a.dest_row),
                 static_cast<int4*>(a.out_x), a.out_values, a.out_row_src, a.num_recv};
-  SendKernel<false><<<s.num_sms, kThreads, 0, stream>>>(sp);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if ((err = LaunchSend<false>(sp, stream)) != cudaSuccess) return err;
   if (a.env.num_ranks == 1) return cudaSuccess;
   FinalizeParams fp{a.env, s, a.num_recv, static_cast<int4*>(a.out_x), a.out_values,
                     a.out_row_src};

@@ -12,7 +12,8 @@
 # padded8 (bench/bench_padded.py: decode sizes, padded and normal layouts), multigpu
 # (bench/bench_multigpu.py over every GPU), layer (bench/bench_layer.py: a whole MoE layer
 # step), trace / trace8 (kernels and gaps on the GPU timeline, JAX profiler), ncu / ncu_padded
-# (per-kernel device time, Nsight Compute), demo (python -m jax_ep.demo), pytest:EXPR (pytest
+# (per-kernel device time, Nsight Compute), probe (bench/probe/bandwidth_probe.cu: hardware
+# ceilings of fan-out / fan-in traffic per SM budget), demo (python -m jax_ep.demo), pytest:EXPR (pytest
 # -m gpu -k EXPR), mps_on / mps_off (an MPS daemon for the stages between them).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -63,6 +64,13 @@ for s in "$@"; do
       stage "pytest$n_pytest" ${PYTEST_LIMIT:-400} python3 -m pytest -m gpu -v -rA --durations=5 \
         -k "${s#pytest:}" tests ;;
     demo) stage demo 200 python3 -m jax_ep.demo --steps ${DEMO_STEPS:-300} --plot "$LOGS/moe_loss_gpu.png" ;;
+    probe)  # bench/probe: what fan-out / fan-in traffic can reach on 8, 24, 132 SMs (no JAX)
+      stage probe_build 120 nvcc -O3 -std=c++17 -gencode=arch=compute_90,code=sm_90 \
+        bench/probe/bandwidth_probe.cu -o /tmp/bandwidth_probe
+      for shape in "4096 7168 8" "8192 4096 2" "128 7168 8"; do
+        timeout 60 /tmp/bandwidth_probe $shape ${PROBE_SMS:-8,24,132} ${PROBE_FILTER:-} >>"$LOGS/probe.log" 2>&1
+      done
+      cat "$LOGS/probe.log" ;;
     bench1) stage bench1 200 python3 bench/bench_ep.py --out "$LOGS" ${BENCH_ARGS:-} ;;
     copy)  # the copy kernel (bench/copy_kernel) alone, SMs x TB/s, then bench1 with x copy(S)
       stage copy_build 120 python3 bench/copy_kernel/build.py --verbose

@@ -50,7 +50,7 @@ class CudaIntraHostLeg(StateOwner):
         groups = [[devs[r] for r in host_ranks] for devs in ep_slices(mesh, axis_name).values()
                   for host_ranks in rank_at]
         limits = BufferLimits.of(config, topo.num_hosts * t_max, config.capacity_rows(n, t_max),
-                                 with_padded=False)
+                                 padded_segments=topo.num_hosts)
         self.state = CudaGroupState(groups, limits, coordinator)
         self._host_of = np.asarray(topo.host_of, np.int32)
         self._local_of = np.asarray(topo.local_of, np.int32)

@@ -31,6 +31,8 @@ struct CallShape {
   int max_tokens;     // padded layout: M, rows per (local expert, source rank)
   int scale_cols;     // padded layout: float32 scales per row (fp8 dispatch); 0 when none move
   bool zero_fill;     // padded layout: zero the rows past each (expert, source) count
+  int segments;       // padded layout: sources each rank sends for, T tokens each (1; the
+                      // hierarchical backend's host groups: one per host); N = segments * ranks
 };
 
 namespace routing {
@@ -122,6 +124,10 @@ namespace padded {
 // Dispatch-kind call: each routed slot of ids goes to the rank of its expert, at the slot's
 // position in its (expert, source) block. ids = topk_idx (dispatch) or a PaddedHandle's
 // slot_expert (redispatch along an existing routing: the same positions come out).
+// With shape.segments = S > 1 (a host group of the hierarchical backend), every [T, ...] operand
+// below is S segments of T tokens, segment g those of source sources[0][g * L + rank] (L ranks in
+// the group, N = S * L sources); ids name the group's experts (rank d's local expert l is
+// d * E_local + l) and the outputs are the flat layout of the N sources.
 struct DispatchArgs {
   CommEnv env;
   CallShape shape;
@@ -129,6 +135,8 @@ struct DispatchArgs {
   const float* x_scales;       // [T, scale_cols] or null
   const int32_t* ids;          // [T, k]
   const float* slot_values;    // [T, k] or null
+  const int32_t* sources;      // [2, N] or null (S = 1: rank s sends for source s): [0][g * L +
+                               // r] = the source of segment g of rank r, [1][s] = g * L + r
   void* out_x;                 // [E_local, N * M, H] or null
   float* out_values;           // [E_local, N * M] or null
   float* out_scales;           // [E_local, N * M, scale_cols] or null
@@ -140,7 +148,8 @@ struct DispatchArgs {
 };
 
 // Combine-kind call: rows go back to the slots they came from, summed per token in slot order in
-// float32 (times row_scale when given); row_values go back to their slots.
+// float32 (times row_scale when given); row_values go back to their slots. Segments and sources
+// as for DispatchArgs.
 struct CombineArgs {
   CommEnv env;
   CallShape shape;
@@ -151,7 +160,9 @@ struct CombineArgs {
   const int32_t* recv_counts;  // [E_local, N]
   const int32_t* slot_expert;  // [T, k]
   const int32_t* slot_pos;     // [T, k]
-  void* out;                   // [T, H] or null
+  const int32_t* sources;      // [2, N] or null
+  void* out;                   // [T, H] or null: rows' type, or float32 when out_f32
+  bool out_f32;                // float32 sums of lower-precision rows (no rounding to their type)
   float* slot_values;          // [T, k] or null
 };
 

@@ -42,6 +42,8 @@ struct BufferLimits {
   int padded_max_tokens = 0;     // M of the padded layout; 0: no padded-layout buffers
   int padded_scale_cols = 0;     // float32 scales per fp8 row (ceil(hidden_size / 128))
   bool padded_zero_fill = true;  // zero the padded rows past each (expert, source) count
+  int padded_segments = 1;       // sources each rank sends for (the hierarchical backend's host
+                                 // groups: one per host); the regions' sizes do not depend on it
 };
 
 // Byte offsets into the communication buffer. Shared regions (peers write them):
@@ -52,13 +54,16 @@ struct BufferLimits {
 // [chunks][E], dest_base [E].   (S = max(C, T*k), Tk = T*k.)
 //
 // Padded-layout regions (only with padded_max_tokens = M > 0; P = E pairs (local expert,
-// source), index l * N + s on the expert's rank), each as two halves [2] used by alternate calls:
+// source), index l * N + s on the expert's rank; N = padded_segments * num_ranks sources, so P is
+// E in a host group of the hierarchical backend too), each as two halves [2] used by alternate
+// calls:
 //   padded_disp_flag [P] u64 (tag << 32 | rows), padded_disp_dups [P] int32,
 //   padded_disp_w [P * M] float, padded_disp_scales [P * M][scale cols] float,
 //   padded_disp_rows [P * M][row bytes]                                        (source -> expert)
 //   padded_comb_flag [kMaxRanks] u64 (seq), padded_comb_scale / padded_comb_value [E * M] float,
-//   padded_comb_rows [E * M][row bytes]                                        (expert -> source)
-// and, not halved: padded_signal (PaddedSignal), padded_expert_counter [E] u32 (private).
+//   padded_comb_rows [E * M][row bytes] ([segment][group expert][p])           (expert -> source)
+// and, not halved: padded_signal (PaddedSignal), padded_expert_counter [E] u32 (private: one per
+// (segment, group expert) a rank sends to).
 struct BufferMap {
   size_t signal, counts, row_primary, row_src, row_f32, slot_f32, staging;
   size_t local_rank, chunk_hist, chunk_base, dest_base;

@@ -21,6 +21,14 @@
 // a kind ahead of us (it waits on our words of the call we are in), so it never writes the half
 // we are reading. Sequences live on the device (PaddedSignal) and are advanced by each
 // call's last kernel: CUDA-graph replay behaves like a fresh launch.
+//
+// Sources. In a flat group rank s sends for source s alone. In a host group of the hierarchical
+// backend a rank is a forwarder: it sends for S = shape.segments sources at once, its pool's
+// segments of T tokens (one per host, each its source's tokens in token order), and the ranks'
+// outputs keep the flat layout of the N = S * L global sources. Block (l, source) of an expert
+// rank has one writer (the forwarder of that source), so its count word still has one writer, and
+// positions numbered per (expert, segment) in token order are the flat ones. The `sources` table
+// (null in a flat group: the identity) says which source a segment holds and where a source is.
 #include <cub/block/block_scan.cuh>
 
 #include "cuda/api.h"
@@ -44,6 +52,7 @@ struct DispatchParams {
   const float* x_scales;
   const int32_t* ids;
   const float* slot_values;
+  const int32_t* sources;
   int4* out_x;
   float* out_values;
   float* out_scales;
@@ -63,6 +72,7 @@ struct CombineParams {
   const int32_t* recv_counts;
   const int32_t* slot_expert;
   const int32_t* slot_pos;
+  const int32_t* sources;
   int4* out;
   float* slot_values;
 };
@@ -102,6 +112,18 @@ __device__ int WaitCount(const CommEnv& env, const unsigned long long* word,
 }
 
 __device__ __forceinline__ unsigned LanesBelow(int lane) { return (1u << lane) - 1u; }
+
+// The global source whose tokens segment `segment` of rank `rank`'s ids holds: sources[0][g * L +
+// r] (L = n ranks in the group); a flat group's rank sends for itself.
+__device__ __forceinline__ int SourceOf(const int32_t* sources, int segment, int rank, int n) {
+  return sources ? sources[segment * n + rank] : rank;
+}
+
+// Where source `src` sits in the forwarders' pools: g * L + r, segment g of rank r (its writer);
+// sources[1][src]. A flat group: segment 0 of rank src.
+__device__ __forceinline__ int PoolSlotOf(const int32_t* sources, int src, int num_sources) {
+  return sources ? sources[num_sources + src] : src;
+}
 
 // Exclusive prefix sums of the (local expert, source) counts in dynamic shared memory
 // ([pairs + 1] ints, starts[pairs] = the total), computed by the whole block, kPairsPerThread
@@ -174,26 +196,34 @@ __global__ void __launch_bounds__(kThreads) DispatchSendKernel(DispatchParams p)
   const int k = s.top_k, n = env.num_ranks, m = s.max_tokens;
   const int vecs = static_cast<int>(s.row_bytes / 16);
   const int sc = s.scale_cols;
+  const int num_sources = s.segments * n;    // N: blocks per local expert on every rank
+  const int experts = s.experts_local * n;   // the experts of this group, which ids name
 
   // Slots that are not delivered (unrouted, invalid, or a repeat of an earlier slot's expert).
   if (p.slot_expert) {
-    for (int f = blockIdx.x * blockDim.x + threadIdx.x; f < s.tokens * k;
+    for (int f = blockIdx.x * blockDim.x + threadIdx.x; f < s.segments * s.tokens * k;
          f += gridDim.x * blockDim.x) {
       const int e = p.ids[f];
-      bool delivered = e >= 0 && e < s.num_experts;
+      bool delivered = e >= 0 && e < experts;
       for (int j = f - f % k; delivered && j < f; ++j) delivered = p.ids[j] != e;
       if (!delivered) p.slot_expert[f] = p.slot_pos[f] = -1;
     }
   }
 
   const int chunks = p.x ? (vecs + kChunkVecs - 1) / kChunkVecs : 1;
-  // Item (expert e, share g of its rows): G warps per expert when there are enough warps.
-  const int shares = NumWarps() / s.num_experts > 1 ? NumWarps() / s.num_experts : 1;
+  // Item (segment, expert e, share g of its rows): G warps per (segment, expert) when there are
+  // enough warps. segments * experts = E in a flat group and in a host group alike.
+  const int targets = s.segments * experts;
+  const int shares = NumWarps() / targets > 1 ? NumWarps() / targets : 1;
   unsigned int* counters = At<unsigned int>(env, env.rank, L.padded_expert_counter);
-  for (int item = GlobalWarp(); item < s.num_experts * shares; item += NumWarps()) {
-    const int e = item / shares, g = item % shares;
+  for (int item = GlobalWarp(); item < targets * shares; item += NumWarps()) {
+    const int q = item / shares, g = item % shares;
+    const int segment = q / experts, e = q % experts;
     const int d = e / s.experts_local, l = e % s.experts_local;
-    const long long pair = static_cast<long long>(l) * n + env.rank;  // (l, this source) on d
+    // (l, the segment's source) on d
+    const long long pair =
+        static_cast<long long>(l) * num_sources + SourceOf(p.sources, segment, env.rank, n);
+    const int first_token = segment * s.tokens;  // the segment's rows of ids
     // Our own experts' rows go straight to XLA's output, whose index [l][s][p] is the buffer's.
     const bool self = d == env.rank;
     int4* rows = self ? p.out_x : At<int4>(env, d, L.padded_disp_rows[half]);
@@ -201,9 +231,9 @@ __global__ void __launch_bounds__(kThreads) DispatchSendKernel(DispatchParams p)
     float* scales = self ? p.out_scales : At<float>(env, d, L.padded_disp_scales[half]);
     int carry = 0, repeats = 0;
     for (int t0 = 0; t0 < s.tokens; t0 += kWarp) {
-      const int t = t0 + lane;
+      const int t = first_token + t0 + lane;
       int first = -1, hits = 0;
-      if (t < s.tokens) {
+      if (t0 + lane < s.tokens) {
         for (int j = 0; j < k; ++j) {
           if (p.ids[t * k + j] == e) {
             if (first < 0) first = j;
@@ -224,7 +254,7 @@ __global__ void __launch_bounds__(kThreads) DispatchSendKernel(DispatchParams p)
       // few rows (decode) still spread over all G warps of the expert.
       for (unsigned mm = hit_mask; mm; mm &= mm - 1) {
         const int b = __ffs(mm) - 1;
-        const int tb = t0 + b;
+        const int tb = first_token + t0 + b;
         const int pb = __shfl_sync(0xffffffffu, pos, b);
         const int jb = __shfl_sync(0xffffffffu, first, b);
         const long long slot = pair * m + pb;
@@ -252,8 +282,8 @@ __global__ void __launch_bounds__(kThreads) DispatchSendKernel(DispatchParams p)
     __syncwarp();
     if (lane == 0) {
       __threadfence_system();
-      if (atomicAdd(&counters[e], 1u) == static_cast<unsigned int>(shares - 1)) {
-        counters[e] = 0;
+      if (atomicAdd(&counters[q], 1u) == static_cast<unsigned int>(shares - 1)) {
+        counters[q] = 0;
         At<int32_t>(env, d, L.padded_disp_dups[half])[pair] = repeats;
         __threadfence_system();
         StoreReleaseSys(At<unsigned long long>(env, d, L.padded_disp_flag[half]) + pair,
@@ -283,22 +313,25 @@ __global__ void __launch_bounds__(kThreads) DispatchRecvKernel(DispatchParams p)
   // Every block learns every (local expert, source) count: each thread waits on a few count
   // words, then the block scans them. The buffer and the output share the row index
   // r = (l * N + s) * M + p.
-  const int pairs = s.experts_local * n;
+  const int num_sources = s.segments * n;
+  const int pairs = s.experts_local * num_sources;
+  // The rank that writes source src's blocks here (src itself in a flat group).
+  auto writer = [&](int src) { return PoolSlotOf(p.sources, src, num_sources) % n; };
   const int* start = PairStarts(pairs, [&](int q) {
-    return alive ? WaitCount(env, words + q, seq, q % n) : 0;
+    return alive ? WaitCount(env, words + q, seq, writer(q % num_sources)) : 0;
   });
   const int received = start[pairs];
   if (blockIdx.x == 0 && p.recv_counts) {
     for (int q = threadIdx.x; q < pairs; q += blockDim.x) p.recv_counts[q] = start[q + 1] - start[q];
   }
   // Received rows: items (row i, chunk c), so that few rows still spread over every warp. Alone,
-  // every row is our own and already in place.
+  // every row is our own (we forward every source) and already in place.
   const int chunks = p.out_x ? (vecs + kChunkVecs - 1) / kChunkVecs : 1;
   const long long items = n > 1 ? static_cast<long long>(received) * chunks : 0;
   for (long long item = GlobalWarp(); item < items; item += NumWarps()) {
     const int i = static_cast<int>(item / chunks), c = static_cast<int>(item % chunks);
     const int pair = PairOf(start, pairs, i);
-    if (pair % n == env.rank) continue;  // our own rows: the send wrote them in place
+    if (writer(pair % num_sources) == env.rank) continue;  // the send wrote them in place
     const long long r = static_cast<long long>(pair) * m + (i - start[pair]);
     if (p.out_x) WarpCopyChunk<true>(p.out_x + r * vecs, rows + r * vecs, c, vecs, lane);
     if (c == 0) {
@@ -329,11 +362,12 @@ __global__ void __launch_bounds__(kThreads) DispatchRecvKernel(DispatchParams p)
     const int32_t* dups = At<int32_t>(env, env.rank, L.padded_disp_dups[half]);
     for (int l = threadIdx.x; l < s.experts_local; l += blockDim.x) {
       int sum = 0, drop = 0;
-      for (int src = 0; src < n; ++src) {
-        const unsigned long long w = LoadAcquireSys(words + static_cast<long long>(l) * n + src);
+      for (int src = 0; src < num_sources; ++src) {
+        const long long q = static_cast<long long>(l) * num_sources + src;
+        const unsigned long long w = LoadAcquireSys(words + q);
         if (static_cast<unsigned int>(w >> 32) == static_cast<unsigned int>(seq)) {
           sum += static_cast<int>(w & 0xffffffffu);
-          drop += __ldcg(&dups[l * n + src]);
+          drop += __ldcg(&dups[q]);
         }
       }
       if (p.group_sizes) p.group_sizes[l] = sum;
@@ -358,11 +392,12 @@ __global__ void __launch_bounds__(kThreads) CombineSendKernel(CombineParams p) {
   const int lane = Lane();
   const int n = env.num_ranks, m = s.max_tokens;
   const int vecs = static_cast<int>(s.row_bytes / 16);
+  const int num_sources = s.segments * n, experts = s.experts_local * n;
   if (!Poisoned(env)) {
     // Only the rows below each (local expert, source) count go back: the block scans the
     // counts into shared memory once, then warps take received rows i = 0 .. total - 1 in a
     // grid stride and find their (pair, position) by binary search, never visiting padding.
-    const int pairs = s.experts_local * n;
+    const int pairs = s.experts_local * num_sources;
     const int* start = PairStarts(pairs, [&](int q) { return p.recv_counts[q]; });
     const int total = start[pairs];
     const int chunks = p.rows ? (vecs + kChunkVecs - 1) / kChunkVecs : 1;
@@ -370,18 +405,23 @@ __global__ void __launch_bounds__(kThreads) CombineSendKernel(CombineParams p) {
          item += NumWarps()) {
       const int i = static_cast<int>(item / chunks), c = static_cast<int>(item % chunks);
       const int pair = PairOf(start, pairs, i);
-      const int l = pair / n, src = pair % n;
-      if (src == env.rank) continue;  // the reduce reads our own tokens' rows in place
+      const int l = pair / num_sources;
+      // The row goes back to its source's forwarder (the source itself in a flat group), at
+      // [segment][expert][p] there.
+      const int at = PoolSlotOf(p.sources, pair % num_sources, num_sources);
+      const int to = at % n, segment = at / n;
+      if (to == env.rank) continue;  // the reduce reads the rows of our own pool in place
       const int pos = i - start[pair];
       const long long r = static_cast<long long>(pair) * m + pos;
-      const long long slot = static_cast<long long>(env.rank * s.experts_local + l) * m + pos;
+      const long long slot =
+          (static_cast<long long>(segment) * experts + env.rank * s.experts_local + l) * m + pos;
       if (p.rows) {
-        WarpCopyChunk<false>(At<int4>(env, src, L.padded_comb_rows[half]) + slot * vecs,
+        WarpCopyChunk<false>(At<int4>(env, to, L.padded_comb_rows[half]) + slot * vecs,
                              p.rows + r * vecs, c, vecs, lane);
       }
       if (c == 0 && lane == 0) {
-        if (p.row_scale) At<float>(env, src, L.padded_comb_scale[half])[slot] = p.row_scale[r];
-        if (p.row_values) At<float>(env, src, L.padded_comb_value[half])[slot] = p.row_values[r];
+        if (p.row_scale) At<float>(env, to, L.padded_comb_scale[half])[slot] = p.row_scale[r];
+        if (p.row_values) At<float>(env, to, L.padded_comb_value[half])[slot] = p.row_values[r];
       }
     }
   }
@@ -397,7 +437,24 @@ constexpr int kPerLane = 2;                    // 16-byte vectors per lane per s
 constexpr int kSegVecs = kPerLane * kWarp;     // vectors per (token, segment) item
 constexpr int kGroup = 4;                      // slots loaded before they are summed
 
-template <typename T>
+// A reduced vector of kN floats to the output row: in the rows' type (one 16-byte vector), or as
+// float32 (kN / 4 float4s: the hierarchical backend's partial sums, added again across hosts).
+// As combine.cu's StoreSum.
+template <typename T, bool kOutF32>
+__device__ __forceinline__ void StoreSum(int4* out_row, int v, const float* acc) {
+  using V = Vec16F32<T>;
+  if constexpr (kOutF32) {
+    float4* dst = reinterpret_cast<float4*>(out_row) + v * (V::kN / 4);
+#pragma unroll
+    for (int q = 0; q < V::kN / 4; ++q) {
+      dst[q] = make_float4(acc[4 * q], acc[4 * q + 1], acc[4 * q + 2], acc[4 * q + 3]);
+    }
+  } else {
+    out_row[v] = V::Store(acc);
+  }
+}
+
+template <typename T, bool kOutF32>
 __global__ void __launch_bounds__(kReduceThreads) CombineReduceKernel(CombineParams p) {
   using V = Vec16F32<T>;
   const CommEnv& env = p.env;
@@ -406,21 +463,25 @@ __global__ void __launch_bounds__(kReduceThreads) CombineReduceKernel(CombinePar
   const unsigned long long seq = PaddedSeq(env, kKindCombine);
   const int half = static_cast<int>(seq & 1);
   const int lane = Lane();
-  const int k = s.top_k, m = s.max_tokens;
+  const int k = s.top_k, m = s.max_tokens, n = env.num_ranks;
   const int vecs = static_cast<int>(s.row_bytes / 16);
+  const int num_sources = s.segments * n, experts = s.experts_local * n;
+  const int tokens = s.segments * s.tokens;  // rows of slot_expert: every segment's tokens
   const bool ok = BlockWaitPeers(
       env, At<unsigned long long>(env, env.rank, L.padded_comb_flag[half]), seq,
       kPhasePaddedCombine);
   const int4* rows = At<int4>(env, env.rank, L.padded_comb_rows[half]);
   const float* scales = At<float>(env, env.rank, L.padded_comb_scale[half]);
   const float* values = At<float>(env, env.rank, L.padded_comb_value[half]);
-  const int segments = p.out ? (vecs + kSegVecs - 1) / kSegVecs : 1;
+  const int row_segments = p.out ? (vecs + kSegVecs - 1) / kSegVecs : 1;
 
-  for (int item = ok ? GlobalWarp() : s.tokens * segments; item < s.tokens * segments;
+  for (int item = ok ? GlobalWarp() : tokens * row_segments; item < tokens * row_segments;
        item += NumWarps()) {
-    const int t = item / segments, seg = item % segments;
-    // Lane j < k describes slot j: where its row is (a peer's row in our buffer at [e][p], our
-    // own expert's in place in rows at [l][this rank][p]) and its scale.
+    const int t = item / row_segments, seg = item % row_segments;
+    const int pool_segment = t / s.tokens;
+    // Lane j < k describes slot j: where its row is (a peer's row in our buffer at
+    // [pool segment][e][p], our own expert's in place in rows at [l][the segment's source][p])
+    // and its scale.
     const int4* src = nullptr;
     bool staged = false;
     float scale = 1.0f;
@@ -430,13 +491,13 @@ __global__ void __launch_bounds__(kReduceThreads) CombineReduceKernel(CombinePar
       if (e >= 0) {
         const int pos = p.slot_pos[t * k + lane];
         if (e / s.experts_local == env.rank) {
-          const long long r =
-              (static_cast<long long>(e % s.experts_local) * env.num_ranks + env.rank) * m + pos;
+          const long long r = (static_cast<long long>(e % s.experts_local) * num_sources +
+                               SourceOf(p.sources, pool_segment, env.rank, n)) * m + pos;
           if (p.rows) src = p.rows + r * vecs;
           if (p.row_scale) scale = p.row_scale[r];
           if (p.row_values) value = p.row_values[r];
         } else {
-          const long long slot = static_cast<long long>(e) * m + pos;
+          const long long slot = (static_cast<long long>(pool_segment) * experts + e) * m + pos;
           staged = true;
           if (p.rows) src = rows + slot * vecs;
           if (p.row_scale) scale = __ldcg(&scales[slot]);
@@ -451,11 +512,12 @@ __global__ void __launch_bounds__(kReduceThreads) CombineReduceKernel(CombinePar
     float acc[kPerLane][V::kN];
     SumSlotRows<T, kGroup, kPerLane>(acc, __ballot_sync(0xffffffffu, src != nullptr),
                                      staged_mask, src, scale, v0, vecs);
-    int4* dst = p.out + static_cast<long long>(t) * vecs;
+    // An output row is vecs vectors of T, or vecs * kN / 4 float4 when kOutF32.
+    int4* dst = p.out + static_cast<long long>(t) * vecs * (kOutF32 ? V::kN / 4 : 1);
 #pragma unroll
     for (int u = 0; u < kPerLane; ++u) {
       const int v = v0 + u * kWarp;
-      if (v < vecs) dst[v] = V::Store(acc[u]);
+      if (v < vecs) StoreSum<T, kOutF32>(dst, v, acc[u]);
     }
   }
   PaddedSignal* own = OwnPaddedSignal(env);
@@ -464,10 +526,15 @@ __global__ void __launch_bounds__(kReduceThreads) CombineReduceKernel(CombinePar
   }
 }
 
-template <typename T>
+template <typename T, bool kOutF32>
 cudaError_t LaunchReduce(const CombineParams& p, cudaStream_t stream) {
-  CombineReduceKernel<T><<<p.shape.num_sms, kReduceThreads, 0, stream>>>(p);
+  CombineReduceKernel<T, kOutF32><<<p.shape.num_sms, kReduceThreads, 0, stream>>>(p);
   return cudaGetLastError();
+}
+
+// Bytes of PairStarts' shared memory: one int per (local expert, source) pair, and the total.
+size_t StartsBytes(const CallShape& shape, int num_ranks) {
+  return sizeof(int) * (static_cast<size_t>(shape.experts_local) * shape.segments * num_ranks + 1);
 }
 
 }  // namespace
@@ -475,33 +542,39 @@ cudaError_t LaunchReduce(const CombineParams& p, cudaStream_t stream) {
 cudaError_t LaunchDispatch(const DispatchArgs& a, cudaStream_t stream) {
   if (a.env.map.padded_max_tokens <= 0) return cudaErrorInvalidValue;
   DispatchParams p{a.env, a.shape, static_cast<const int4*>(a.x), a.x_scales, a.ids,
-                   a.slot_values, static_cast<int4*>(a.out_x), a.out_values, a.out_scales,
-                   a.recv_counts, a.group_sizes, a.num_dropped, a.slot_expert, a.slot_pos};
+                   a.slot_values, a.sources, static_cast<int4*>(a.out_x), a.out_values,
+                   a.out_scales, a.recv_counts, a.group_sizes, a.num_dropped, a.slot_expert,
+                   a.slot_pos};
   DispatchSendKernel<<<a.shape.num_sms, kThreads, 0, stream>>>(p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const size_t starts_bytes = sizeof(int) * (a.shape.experts_local * a.env.num_ranks + 1);
-  DispatchRecvKernel<<<a.shape.num_sms, kThreads, starts_bytes, stream>>>(p);
+  DispatchRecvKernel<<<a.shape.num_sms, kThreads, StartsBytes(a.shape, a.env.num_ranks),
+                       stream>>>(p);
   return cudaGetLastError();
 }
 
 cudaError_t LaunchCombine(const CombineArgs& a, cudaStream_t stream) {
   if (a.env.map.padded_max_tokens <= 0) return cudaErrorInvalidValue;
   CombineParams p{a.env, a.shape, static_cast<const int4*>(a.rows), a.row_scale, a.row_values,
-                  a.recv_counts, a.slot_expert, a.slot_pos, static_cast<int4*>(a.out),
-                  a.slot_values};
-  // Alone there is nothing to send back (the reduce reads our own rows in place) and no flag
-  // to raise: the reduce kernel alone makes the call.
+                  a.recv_counts, a.slot_expert, a.slot_pos, a.sources,
+                  static_cast<int4*>(a.out), a.slot_values};
+  // Alone there is nothing to send back (the reduce reads our own rows in place: we forward
+  // every source) and no flag to raise: the reduce kernel alone makes the call.
   if (a.env.num_ranks > 1) {
-    const size_t starts_bytes = sizeof(int) * (a.shape.experts_local * a.env.num_ranks + 1);
-    CombineSendKernel<<<a.shape.num_sms, kThreads, starts_bytes, stream>>>(p);
+    CombineSendKernel<<<a.shape.num_sms, kThreads, StartsBytes(a.shape, a.env.num_ranks),
+                        stream>>>(p);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
+  // float32 rows give float32 sums already; only 16-bit rows have a second (f32) output kind.
   switch (a.elem) {
-    case ElemType::kF32: return LaunchReduce<float>(p, stream);
-    case ElemType::kBF16: return LaunchReduce<__nv_bfloat16>(p, stream);
-    case ElemType::kF16: return LaunchReduce<__half>(p, stream);
+    case ElemType::kF32: return LaunchReduce<float, false>(p, stream);
+    case ElemType::kBF16:
+      return a.out_f32 ? LaunchReduce<__nv_bfloat16, true>(p, stream)
+                       : LaunchReduce<__nv_bfloat16, false>(p, stream);
+    case ElemType::kF16:
+      return a.out_f32 ? LaunchReduce<__half, true>(p, stream)
+                       : LaunchReduce<__half, false>(p, stream);
   }
   return cudaErrorInvalidValue;
 }

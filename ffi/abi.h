@@ -2,4 +2,4 @@
 // with jax_ep/_ext.py's ABI_VERSION at import so a stale build fails loudly instead of
 // misreading buffers.
 #pragma once
-#define JAX_EP_ABI_VERSION 3
+#define JAX_EP_ABI_VERSION 4

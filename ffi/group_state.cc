@@ -82,7 +82,7 @@ void FreeContext(Context& ctx) {
 void CreateContext(int64_t group_id, int device, int rank, int num_ranks, int num_experts,
                    int top_k, int max_tokens, int64_t max_capacity, int64_t max_row_bytes,
                    double timeout_s, int padded_max_tokens, int padded_scale_cols,
-                   bool padded_zero_fill) {
+                   bool padded_zero_fill, int padded_segments) {
   if (num_ranks < 1 || num_ranks > kMaxRanks) {
     throw std::invalid_argument("jax_ep: the cuda backend supports 1 to " +
                                 std::to_string(kMaxRanks) + " ranks per group");
@@ -91,6 +91,11 @@ void CreateContext(int64_t group_id, int device, int rank, int num_ranks, int nu
     throw std::invalid_argument("jax_ep: the cuda backend supports at most " +
                                 std::to_string(kMaxExperts) + " experts");
   }
+  // The padded layout's sources: padded_segments per rank, E_local experts each.
+  if (padded_segments < 1 || num_experts % (num_ranks * padded_segments)) {
+    throw std::invalid_argument("jax_ep: num_experts must be a multiple of the padded layout's "
+                                "num_ranks * padded_segments sources");
+  }
   auto ctx = std::make_unique<Context>();
   ctx->group_id = group_id;
   ctx->device = device;
@@ -98,7 +103,7 @@ void CreateContext(int64_t group_id, int device, int rank, int num_ranks, int nu
   ctx->num_ranks = num_ranks;
   ctx->limits = BufferLimits{num_ranks, num_experts, top_k, max_tokens, max_capacity,
                              max_row_bytes, padded_max_tokens, padded_scale_cols,
-                             padded_zero_fill};
+                             padded_zero_fill, padded_segments};
   ctx->buffer_map = ComputeBufferMap(ctx->limits);
   ctx->timeout_ns = static_cast<unsigned long long>(timeout_s * 1e9);
   {
@@ -268,9 +273,9 @@ void BindGroupState(nb::module_& m) {
         nb::arg("num_ranks"), nb::arg("num_experts"), nb::arg("top_k"), nb::arg("max_tokens"),
         nb::arg("max_capacity"), nb::arg("max_row_bytes"), nb::arg("timeout_s"),
         nb::arg("padded_max_tokens") = 0, nb::arg("padded_scale_cols") = 0,
-        nb::arg("padded_zero_fill") = true,
+        nb::arg("padded_zero_fill") = true, nb::arg("padded_segments") = 1,
         "Allocates one rank's communication buffer on `device` (with the padded-layout "
-        "regions when padded_max_tokens > 0).");
+        "regions when padded_max_tokens > 0; each rank sends padded_segments sources' tokens).");
   m.def("ipc_handle", &IpcHandle, "The CUDA IPC handle of a context's buffer (bytes).");
   m.def("connect_local_peer", &ConnectLocalPeer,
         "Maps a peer rank of this process (peer access between the two GPUs).");

@@ -57,10 +57,11 @@ inline xla::ffi::ErrorOr<Context*> Lookup(const CallAttrs& attrs, int32_t device
 }
 
 // The call's shape, checked against what the group's buffers were sized for: k, T <= max_tokens
-// (and <= M for the padded layout), C <= the buffers' capacity, rows of whole 16-byte vectors no
-// wider than the buffers' rows, at most the buffers' fp8 scale columns, and an SM budget a
-// launch accepts. capacity and scale_cols are 0 where the layout has none. Checked before any
-// kernel is enqueued: a call refused half-way would leave the ranks' sequences out of step.
+// (and <= M for the padded layout, where T counts the tokens of one segment), C <= the buffers'
+// capacity, rows of whole 16-byte vectors no wider than the buffers' rows, at most the buffers'
+// fp8 scale columns, and an SM budget a launch accepts. capacity and scale_cols are 0 where the
+// layout has none. Checked before any kernel is enqueued: a call refused half-way would leave the
+// ranks' sequences out of step.
 inline xla::ffi::ErrorOr<CallShape> Shape(const Context& ctx, const CallAttrs& attrs,
                                           Layout layout, int64_t tokens, int64_t top_k,
                                           int64_t row_bytes, int64_t capacity,
@@ -89,7 +90,9 @@ inline xla::ffi::ErrorOr<CallShape> Shape(const Context& ctx, const CallAttrs& a
   s.tokens = static_cast<int>(tokens);
   s.top_k = static_cast<int>(top_k);
   s.num_experts = lim.num_experts;
-  s.experts_local = lim.num_experts / ctx.num_ranks;
+  // The padded layout of a hierarchical host group has padded_segments * num_ranks sources.
+  s.segments = padded ? lim.padded_segments : 1;
+  s.experts_local = lim.num_experts / (ctx.num_ranks * s.segments);
   s.row_bytes = row_bytes;
   s.num_sms = static_cast<int>(attrs.num_sms);
   s.capacity = capacity;

@@ -50,14 +50,16 @@ nb::dict CudaTargets() {
 // cuda backend allocates (plain C++, so CPU-only builds answer too).
 int64_t BufferMapBytes(int num_ranks, int num_experts, int top_k, int max_tokens,
                        int64_t max_capacity, int64_t max_row_bytes, int padded_max_tokens,
-                       int padded_scale_cols, bool padded_zero_fill) {
+                       int padded_scale_cols, bool padded_zero_fill, int padded_segments) {
   if (num_ranks < 1 || num_experts < 1 || top_k < 1 || max_tokens < 1 || max_capacity < 0 ||
-      max_row_bytes < 0 || padded_max_tokens < 0 || padded_scale_cols < 0) {
+      max_row_bytes < 0 || padded_max_tokens < 0 || padded_scale_cols < 0 ||
+      padded_segments < 1) {
     throw std::invalid_argument("jax_ep: buffer_map_bytes needs positive sizes");
   }
   const jax_ep::BufferLimits lim{num_ranks,         num_experts,       top_k,
                                  max_tokens,        max_capacity,      max_row_bytes,
-                                 padded_max_tokens, padded_scale_cols, padded_zero_fill};
+                                 padded_max_tokens, padded_scale_cols, padded_zero_fill,
+                                 padded_segments};
   return static_cast<int64_t>(jax_ep::ComputeBufferMap(lim).total_bytes);
 }
 
@@ -82,7 +84,7 @@ NB_MODULE(_jax_ep, m) {
   m.def("buffer_map_bytes", &BufferMapBytes, nb::arg("num_ranks"), nb::arg("num_experts"),
         nb::arg("top_k"), nb::arg("max_tokens"), nb::arg("max_capacity"), nb::arg("max_row_bytes"),
         nb::arg("padded_max_tokens") = 0, nb::arg("padded_scale_cols") = 0,
-        nb::arg("padded_zero_fill") = true,
+        nb::arg("padded_zero_fill") = true, nb::arg("padded_segments") = 1,
         "Bytes of one rank's communication buffer for these BufferLimits (cuda/buffer_map.h's "
         "ComputeBufferMap), with the padded-layout regions when padded_max_tokens > 0.");
   m.def("cpu_targets", &CpuTargets, "FFI handler capsules for the CPU platform, by target name");

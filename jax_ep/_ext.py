@@ -7,7 +7,7 @@ from types import ModuleType
 
 import jax
 
-ABI_VERSION = 3  # must equal JAX_EP_ABI_VERSION in ffi/abi.h
+ABI_VERSION = 4  # must equal JAX_EP_ABI_VERSION in ffi/abi.h
 
 
 @functools.cache

@@ -156,12 +156,12 @@ class EPGroup:
                                                config.f32_partials)
         else:
             self.backend = ReferenceBackend(axis_name)
-        self._calls = self._call_checks()
-        if self._calls is not None:
-            self.backend = coordination.CheckedBackend(self.backend, self._calls)
         self.ops = layout_operations(self.backend_name, self.backend, axis_name)
-        if self._calls is not None:  # the normal layout's backend is checked already
-            self.ops["padded"] = coordination.CheckedBackend(self.ops["padded"], self._calls)
+        self._calls = self._call_checks()
+        if self._calls is not None:  # every operation of either layout starts with the step
+            self.backend = coordination.CheckedBackend(self.backend, self._calls)
+            self.ops = {"normal": self.backend,
+                        "padded": coordination.CheckedBackend(self.ops["padded"], self._calls)}
         self._closed = False
         self._order = next(_creation_order)
         _open_groups.add(self)

@@ -29,8 +29,9 @@ def buffer_bytes(config, num_ranks: int, *, num_hosts: int = 1) -> int:
     With num_hosts=1 (the cuda backend, ranks on one host): the normal layout's buffer, plus the
     padded layout's double-buffered regions when config.padded_layout. With num_hosts > 1 (the
     hierarchical backend with intra_host="cuda"): the buffer of its intra-host leg over the
-    num_ranks / num_hosts GPUs of a host. The reference backend and intra_host="xla" keep no
-    buffers (0 bytes); XLA's own temporaries for a call are not counted by either.
+    num_ranks / num_hosts GPUs of a host, with the same padded regions. The reference backend
+    and intra_host="xla" keep no buffers (0 bytes); XLA's own temporaries for a call are not
+    counted by either.
 
     Needs config.max_tokens and config.hidden_size (the sizes the buffers are made for).
     """
@@ -58,11 +59,10 @@ def buffer_bytes(config, num_ranks: int, *, num_hosts: int = 1) -> int:
     # The limits each backend sizes its state with (jax_ep/backends/cuda/normal.py and
     # intra_host.py), through the one BufferLimits.of.
     if num_hosts == 1:
-        limits = BufferLimits.of(config, t_max, config.capacity_rows(num_ranks, t_max),
-                                 with_padded=True)
+        limits = BufferLimits.of(config, t_max, config.capacity_rows(num_ranks, t_max))
     else:
         limits = BufferLimits.of(config, num_hosts * t_max, config.capacity_rows(num_ranks, t_max),
-                                 with_padded=False)
+                                 padded_segments=num_hosts)
     return _buffer_map_bytes(per_host, limits)
 
 

@@ -1,10 +1,13 @@
 """Checks of the padded (low-latency) layout and fp8 dispatch against the numpy oracle, written
 to run the same way in one process (tests/test_cuda_padded.py) and in N processes sharing one
 GPU (tests/mp_worker.py --mode padded); tests/test_cuda_padded.py also runs them on the
-reference backend on CPU, so a GPU failure points at the kernels.
+reference backend on CPU, so a GPU failure points at the kernels. group_kwargs (EPGroup keywords:
+hosts=, intra_host=) run them on the hierarchical backend (tests/test_hierarchical_padded.py on
+CPU, tests/test_hierarchical_cuda.py and mp_worker.py --mode hierarchical_padded on GPUs).
 
 As in tests/cuda_checks.py: every input is generated for all ranks from a seed in every process,
-each process checks the ranks it holds, and no XLA collective is used.
+each process checks the ranks it holds, and no XLA collective is used besides the hierarchical
+backend's own.
 """
 
 from __future__ import annotations
@@ -37,16 +40,18 @@ def max_tokens_of(case: Case) -> int:
     return case.tokens + 3
 
 
-def make_group(mesh: Mesh, case: Case, backend: str = "cuda", **extra) -> jax_ep.EPGroup:
+def make_group(mesh: Mesh, case: Case, backend: str = "cuda", group_kwargs: dict | None = None,
+               **extra) -> jax_ep.EPGroup:
     n = mesh.shape["expert"]
     cfg = jax_ep.EPConfig(num_experts=case.experts_per_rank * n, top_k=case.top_k,
                           max_tokens=max_tokens_of(case), hidden_size=case.hidden,
                           dtype=case.dtype, padded_layout=True, num_sms=extra.pop("num_sms", 8),
                           timeout_s=extra.pop("timeout_s", 60.0), **extra)
-    return jax_ep.EPGroup(mesh, "expert", cfg, backend=backend)
+    return jax_ep.EPGroup(mesh, "expert", cfg, backend=backend, **(group_kwargs or {}))
 
 
-def check_case(mesh: Mesh, case: Case, seed: int = 0, backend: str = "cuda") -> int:
+def check_case(mesh: Mesh, case: Case, seed: int = 0, backend: str = "cuda",
+               group_kwargs: dict | None = None) -> int:
     """Runs `case` in the padded layout on `backend`; checks every rank this process holds
     against the oracle (dispatch bit for bit, combines and VJPs to float32 rounding, two runs
     byte-identical). Returns how many ranks it checked."""
@@ -61,7 +66,7 @@ def check_case(mesh: Mesh, case: Case, seed: int = 0, backend: str = "cuda") -> 
     ct_row_w = rng.normal(size=(n, el, n * m)).astype(np.float32)
     ct_out = rng.normal(size=(n, case.tokens, case.hidden)).astype(dtype)
     want = oracle.padded_dispatch(x, idx, w, el * n, m)
-    group = make_group(mesh, case, backend=backend)
+    group = make_group(mesh, case, backend=backend, group_kwargs=group_kwargs)
     try:
         program = per_rank_program(group, layout="padded")
         args = [to_global(a, mesh) for a in (x, idx, w, ct_rows, ct_row_w, ct_out)]
@@ -130,7 +135,8 @@ def _combine_vjp_oracle(want: oracle.OraclePadded, ct_out, r: int):
     return ct_rows, ct_w
 
 
-def check_fp8(mesh: Mesh, seed: int = 0, backend: str = "cuda") -> int:
+def check_fp8(mesh: Mesh, seed: int = 0, backend: str = "cuda",
+              group_kwargs: dict | None = None) -> int:
     """fp8 dispatch in both layouts: rows byte for byte and scales equal to the oracle's."""
     n = mesh.shape["expert"]
     case = Case("fp8", 12, 4, 2, 256, "bfloat16")
@@ -139,7 +145,7 @@ def check_fp8(mesh: Mesh, seed: int = 0, backend: str = "cuda") -> int:
     idx, w = routing_for(case, n, rng)
     x = harness.random_tokens(rng, n, case.tokens, case.hidden, np.float32) * 4
     q, s = (np.asarray(a) for a in jax.jit(jax_ep.quantize_fp8)(x))
-    group = make_group(mesh, case, backend=backend)
+    group = make_group(mesh, case, backend=backend, group_kwargs=group_kwargs)
     try:
         outs = {}
         for layout in ("normal", "padded"):
@@ -167,7 +173,8 @@ def check_fp8(mesh: Mesh, seed: int = 0, backend: str = "cuda") -> int:
     return len(outs["normal"])
 
 
-def check_scan_rounds(mesh: Mesh, rounds: int = 20, seed: int = 1, backend: str = "cuda") -> int:
+def check_scan_rounds(mesh: Mesh, rounds: int = 20, seed: int = 1, backend: str = "cuda",
+                      group_kwargs: dict | None = None) -> int:
     """lax.scan of `rounds` padded dispatch/combine rounds, a new routing each round: the
     double-buffered halves and device-side sequence numbers across calls in one program."""
     n = mesh.shape["expert"]
@@ -178,7 +185,7 @@ def check_scan_rounds(mesh: Mesh, rounds: int = 20, seed: int = 1, backend: str 
     idx = np.stack([a for a, _ in routed], axis=1)  # [N, rounds, T, k]
     w = np.stack([b for _, b in routed], axis=1)
     x = harness.random_tokens(rng, n, case.tokens, case.hidden, jnp.bfloat16)
-    group = make_group(mesh, case, backend=backend)
+    group = make_group(mesh, case, backend=backend, group_kwargs=group_kwargs)
 
     def body(x0, idx_r, w_r):
         def step(carry, inputs):

@@ -13,8 +13,11 @@
 # (bench/bench_multigpu.py over every GPU), layer (bench/bench_layer.py: a whole MoE layer
 # step), trace / trace8 (kernels and gaps on the GPU timeline, JAX profiler), ncu / ncu_padded
 # (per-kernel device time, Nsight Compute), probe (bench/probe/bandwidth_probe.cu: hardware
-# ceilings of fan-out / fan-in traffic per SM budget), demo (python -m jax_ep.demo), pytest:EXPR (pytest
-# -m gpu -k EXPR), mps_on / mps_off (an MPS daemon for the stages between them).
+# ceilings of fan-out / fan-in traffic per SM budget), demo (python -m jax_ep.demo), pytest:EXPR
+# (pytest -m gpu -k EXPR), mps_on / mps_off (an MPS daemon for the stages between them), padded
+# (the padded layout in one process: the cuda backend's and the hierarchical backend's on its
+# cuda intra-host leg), padded_mp (the same with 2, 4, 8 processes sharing the GPU under MPS; the
+# hierarchical ones as emulated hosts).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 LOGS="$OUT/logs"
@@ -56,6 +59,14 @@ for s in "$@"; do
       fi
       stage "$s" ${MP_LIMIT:-400} python3 -m pytest -m gpu -v -rA --durations=10 -k "processes or never_arrives" tests
       if [ "$s" = mp_mps ]; then echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY; fi ;;
+    padded) stage padded ${PADDED_LIMIT:-400} python3 -m pytest -m gpu -v -rA --durations=10 \
+        -k "padded and not processes and not never_arrives" tests ;;
+    padded_mp)  # the padded layout's multi-process tests, side by side under MPS
+      export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
+      mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY && nvidia-cuda-mps-control -d
+      stage padded_mp ${MP_LIMIT:-540} python3 -m pytest -m gpu -v -rA --durations=10 \
+        -k "${PADDED_MP_TESTS:-padded and processes}" tests
+      echo quit | nvidia-cuda-mps-control; unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY ;;
     mps_on)  # an MPS daemon for the stages that follow (until mps_off)
       export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps/log
       mkdir -p $CUDA_MPS_PIPE_DIRECTORY $CUDA_MPS_LOG_DIRECTORY && nvidia-cuda-mps-control -d ;;

@@ -73,6 +73,19 @@ def assert_dispatch_matches(d, want: oracle.OracleDispatch) -> None:
     np.testing.assert_array_equal(d.handle.num_recv, want.group_sizes.sum(axis=1))
 
 
+def assert_padded_matches(d, want: oracle.OraclePadded) -> None:
+    """Every padded dispatch output equal to the oracle, bit for bit."""
+    np.testing.assert_array_equal(d.x.view(np.uint8), want.rows.view(np.uint8))
+    np.testing.assert_array_equal(d.weights, want.row_weights)
+    np.testing.assert_array_equal(d.recv_counts, want.recv_counts)
+    np.testing.assert_array_equal(d.handle.recv_counts, want.recv_counts)
+    np.testing.assert_array_equal(d.group_sizes, want.group_sizes)
+    np.testing.assert_array_equal(d.num_dropped, want.num_dropped)
+    np.testing.assert_array_equal(d.num_invalid, want.num_invalid)
+    np.testing.assert_array_equal(d.handle.slot_expert, want.slot_expert)
+    np.testing.assert_array_equal(d.handle.slot_pos, want.slot_pos)
+
+
 def assert_combine_close(got, want_f64, dtype) -> None:
     """float32 accumulation, then one rounding to dtype: within 2 ulps of dtype of the exact
     float64 sum (absolute slack scaled by the largest output, for sums that cancel)."""

@@ -24,6 +24,8 @@ def main() -> int:
     parser.add_argument("--intra-host", choices=["auto", "cuda", "xla"], default="auto")
     parser.add_argument("--setups", default="reference,given,discovered",
                         help="cases mode: which of its group setups to check")
+    parser.add_argument("--layouts", default="normal",
+                        help="cases mode: the layouts to check (normal, padded)")
     args = parser.parse_args()
     # Discovery sees two host names: the first and second half of the processes are two
     # emulated hosts of one machine.
@@ -85,20 +87,27 @@ def cases_mode(args, mesh) -> int:
     from jax_ep.backends import hierarchical
     from tests import harness, oracle
 
+    layouts = args.layouts.split(",")
     n, t, k, e, h = mesh.size, 4, 2, 2 * mesh.size, 8
     rng = np.random.default_rng(5)
     idx, w = harness.random_routing(rng, n, t, k, e, unrouted=0.15, invalid=0.05)
     x = harness.random_tokens(rng, n, t, h, np.float32)
-    want = oracle.dispatch(x, idx, w, e, n * t * k)
-    want_y = oracle.combine(want.rows, want.dest_rank, want.dest_row, want.row_weights)
-    routed = (idx >= 0) & (idx < e)
     r = rng.normal(size=(n, t, h)).astype(np.float32)
-    # loss = sum(combine(2 * d.x, weights=d.weights) * r) = sum_t sum_j w[t, j] * 2 <x[t], r[t]>
-    want_gx = 2 * np.where(routed, w, 0).sum(-1)[..., None] * r
-    want_gw = np.where(routed, 2 * np.einsum("nth,nth->nt", x, r)[..., None], 0)
+    # Per layout: the oracle's dispatch, its check, the weighted combine, and the slots that
+    # carry a gradient (the padded layout does not deliver a token's repeated experts).
+    normal = oracle.dispatch(x, idx, w, e, n * t * k)
+    padded = oracle.padded_dispatch(x, idx, w, e, t)
+    wanted = {
+        "normal": (normal, harness.assert_dispatch_matches,
+                   oracle.combine(normal.rows, normal.dest_rank, normal.dest_row,
+                                  normal.row_weights), (idx >= 0) & (idx < e)),
+        "padded": (padded, harness.assert_padded_matches,
+                   oracle.padded_combine(padded.rows, padded.slot_expert, padded.slot_pos,
+                                         padded.row_weights), padded.slot_expert >= 0)}
     inputs = [_global(mesh, a) for a in (x, idx, w, r)]
     # Buffer sizes for the cuda intra-host leg (the default on GPUs); unused on CPUs.
-    cfg = jax_ep.EPConfig(num_experts=e, top_k=k, max_tokens=t, hidden_size=h, dtype="float32")
+    cfg = jax_ep.EPConfig(num_experts=e, top_k=k, max_tokens=t, hidden_size=h, dtype="float32",
+                          padded_layout="padded" in layouts)
     discovered = tuple(2 * d.process_index // args.world for d in mesh.devices.flat)
     setups = {"reference": ("reference", "reference", None, None),
               "given": ("hierarchical, 4 hosts given", "hierarchical",
@@ -120,27 +129,33 @@ def cases_mode(args, mesh) -> int:
             assert (group.intra_host, group.inter_host) == (intra, inter), group
         if hosts is None and num_hosts == 2:
             assert group.topology.host_of == discovered, (group.topology, discovered)
-        run = harness.per_rank(mesh, lambda a, i, b: (lambda dd: (dd, jax_ep.combine(
-            group, dd.x, dd.handle, weights=dd.weights)))(jax_ep.dispatch(group, a, i, b)))
-        (d, yw), first = _mine(run(*inputs[:3]))
-        sl = slice(first, first + d.x.shape[0])
-        harness.assert_dispatch_matches(d, oracle.ranks(want, sl))
-        harness.assert_combine_close(yw, want_y[sl], np.float32)
+        for layout in layouts:
+            want, assert_dispatch, want_y, delivered = wanted[layout]
+            run = harness.per_rank(mesh, lambda a, i, b, layout=layout: (
+                lambda dd: (dd, jax_ep.combine(group, dd.x, dd.handle, weights=dd.weights)))(
+                    jax_ep.dispatch(group, a, i, b, layout=layout)))
+            (d, yw), first = _mine(run(*inputs[:3]))
+            sl = slice(first, first + d.x.shape[0])
+            assert_dispatch(d, oracle.ranks(want, sl))
+            harness.assert_combine_close(yw, want_y[sl], np.float32)
 
-        def loss(xg, wg):
-            def per(a, i, b, rr):
-                dd = jax_ep.dispatch(group, a, i, b)
-                y = jax_ep.combine(group, 2 * dd.x, dd.handle, weights=dd.weights)
-                return jnp.sum(y * rr)
-            return jnp.sum(harness.per_rank(mesh, per)(xg, inputs[1], wg, inputs[3]))
+            def loss(xg, wg, layout=layout):
+                def per(a, i, b, rr):
+                    dd = jax_ep.dispatch(group, a, i, b, layout=layout)
+                    y = jax_ep.combine(group, 2 * dd.x, dd.handle, weights=dd.weights)
+                    return jnp.sum(y * rr)
+                return jnp.sum(harness.per_rank(mesh, per)(xg, inputs[1], wg, inputs[3]))
 
-        (gx, gw), _ = _mine(jax.grad(loss, argnums=(0, 1))(inputs[0], inputs[2]))
-        np.testing.assert_allclose(gx, want_gx[sl], rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(gw, want_gw[sl], rtol=1e-5, atol=1e-5)
+            # loss = sum_t sum_j w[t, j] * 2 <x[t], r[t]> over the delivered slots
+            want_gx = 2 * np.where(delivered, w, 0).sum(-1)[..., None] * r
+            want_gw = np.where(delivered, 2 * np.einsum("nth,nth->nt", x, r)[..., None], 0)
+            (gx, gw), _ = _mine(jax.grad(loss, argnums=(0, 1))(inputs[0], inputs[2]))
+            np.testing.assert_allclose(gx, want_gx[sl], rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(gw, want_gw[sl], rtol=1e-5, atol=1e-5)
         group.close()
-        layout = f"{group.topology.num_hosts}x{n // group.topology.num_hosts}"
-        print(f"process {args.rank}: {name} ok (hosts x ranks {layout}, "
-              f"{time.perf_counter() - t0:.1f} s)", flush=True)
+        shape = f"{group.topology.num_hosts}x{n // group.topology.num_hosts}"
+        print(f"process {args.rank}: {name} ok (hosts x ranks {shape}, layouts "
+              f"{'+'.join(layouts)}, {time.perf_counter() - t0:.1f} s)", flush=True)
     return 0
 
 

@@ -15,8 +15,9 @@ def main() -> int:
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--world", type=int, required=True)
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--mode", choices=["cases", "timeout", "padded", "hierarchical", "mesh2d",
-                                           "dies_mid_call"], default="cases")
+    parser.add_argument("--mode", choices=["cases", "timeout", "padded", "hierarchical",
+                                           "hierarchical_padded", "mesh2d", "dies_mid_call"],
+                        default="cases")
     args = parser.parse_args()
 
     import jax
@@ -31,8 +32,8 @@ def main() -> int:
     if args.mode == "mesh2d":
         mesh = Mesh(np.array(jax.devices()).reshape(2, -1), ("data", "expert"))
     modes = {"cases": cases_mode, "timeout": timeout_mode, "padded": padded_mode,
-             "hierarchical": hierarchical_mode, "mesh2d": mesh2d_mode,
-             "dies_mid_call": dies_mid_call_mode}
+             "hierarchical": hierarchical_mode, "hierarchical_padded": hierarchical_padded_mode,
+             "mesh2d": mesh2d_mode, "dies_mid_call": dies_mid_call_mode}
     code = modes[args.mode](args, mesh)
     # Leave together: a rank that exits while another still talks to the coordination service
     # (hosted by rank 0) makes the survivors abort.
@@ -72,6 +73,35 @@ def hierarchical_mode(args, mesh) -> int:
     cuda_checks.check_scan_rounds(mesh, backend="hierarchical",
                                   group_kwargs=dict(hosts=hosts, intra_host="cuda"))
     print(f"rank {args.rank}/{args.world}: hierarchical/cuda scan_20_rounds ok", flush=True)
+    return 0
+
+
+def hierarchical_padded_mode(args, mesh) -> int:
+    """The padded layout on the hierarchical backend, the ranks split into 2 emulated hosts
+    (inter-host leg XLA all_to_all over NCCL): every padded case on the cuda intra-host leg (the
+    padded kernels, each rank forwarding 2 segments; CUDA IPC between a host's processes), fp8
+    and a 20-round scan there; the first cases on the XLA leg, and with interleaved hosts (a
+    sources table that is not the identity) when there are 4 or more processes."""
+    from tests import cuda_padded_checks as checks
+
+    halves = [2 * r // args.world for r in range(args.world)]
+    runs = [("cuda", halves, checks.CASES), ("xla", halves, checks.CASES[:2])]
+    if args.world >= 4:
+        runs.append(("cuda", [r % 2 for r in range(args.world)], checks.CASES[:3]))
+    for leg, hosts, cases in runs:
+        kwargs = dict(hosts=hosts, intra_host=leg)
+        for case in cases:
+            t0 = time.perf_counter()
+            checks.check_case(mesh, case, seed=args.world, backend="hierarchical",
+                              group_kwargs=kwargs)
+            print(f"rank {args.rank}/{args.world}: hierarchical_padded/{leg} hosts {hosts} "
+                  f"{case.name} ok ({time.perf_counter() - t0:.1f} s)", flush=True)
+    kwargs = dict(hosts=halves, intra_host="cuda")
+    checks.check_fp8(mesh, seed=args.world, backend="hierarchical", group_kwargs=kwargs)
+    print(f"rank {args.rank}/{args.world}: hierarchical_padded/cuda fp8 ok", flush=True)
+    checks.check_scan_rounds(mesh, backend="hierarchical", group_kwargs=kwargs)
+    print(f"rank {args.rank}/{args.world}: hierarchical_padded/cuda scan_20_rounds ok",
+          flush=True)
     return 0
 
 

@@ -50,10 +50,10 @@ def dispatch(x, topk_idx, topk_weights, num_experts: int, capacity: int) -> Orac
                           dest_row, row_src)
 
 
-def ranks(want: OracleDispatch, sl: slice) -> OracleDispatch:
-    """The oracle's results for ranks `sl` only."""
-    return OracleDispatch(**{f.name: getattr(want, f.name)[sl]
-                             for f in dataclasses.fields(OracleDispatch)})
+def ranks(want, sl: slice):
+    """The oracle's results (OracleDispatch or OraclePadded) for ranks `sl` only."""
+    fields = {f.name: getattr(want, f.name) for f in dataclasses.fields(want)}
+    return type(want)(**{name: None if a is None else a[sl] for name, a in fields.items()})
 
 
 def combine(rows, dest_rank, dest_row, row_weights=None) -> np.ndarray:

@@ -95,9 +95,14 @@ def test_padded_layout_adds_four_row_blocks_of_E_times_max_tokens():
 def test_hierarchical_leg_is_sized_for_every_hosts_tokens():
     cfg = EPConfig(num_experts=256, top_k=8, max_tokens=256, hidden_size=7168)
     # 16 ranks on 2 hosts: the intra-host leg holds 2 * T tokens per rank, C of the 16 ranks,
-    # over a group of the 8 GPUs of a host; the padded regions are not allocated there.
-    got = jax_ep.buffer_bytes(dataclasses.replace(cfg, padded_layout=True), 16, num_hosts=2)
+    # over a group of the 8 GPUs of a host.
+    got = jax_ep.buffer_bytes(cfg, 16, num_hosts=2)
     assert got == documented_bytes(256, 8, 2 * 256, 7168, 8, capacity=16 * 256 * 8)
+    # The padded layout's regions are a flat group's: E (local expert, source) blocks of
+    # M = max_tokens rows per rank, whatever the hosts (each rank forwards 2 sources' tokens).
+    padded = jax_ep.buffer_bytes(dataclasses.replace(cfg, padded_layout=True), 16, num_hosts=2)
+    assert padded - got == (documented_bytes(256, 8, 256, 7168, 8, padded=True)
+                            - documented_bytes(256, 8, 256, 7168, 8))
 
 
 def test_bad_arguments_are_value_errors():

@@ -27,16 +27,19 @@ def _run(mode: str, world: int = 2, timeout_s: float = 120, devices: int = 4,
 
 
 def test_two_processes_match_oracle():
-    log = _run("cases")
+    """Both layouts (the padded one on the hierarchical backend: its inter-host leg and the
+    pure-JAX padded intra-host leg, with the per-call checks of CPU groups over processes)."""
+    log = _run("cases", extra=("--layouts", "normal,padded"))
     for name in ("reference ok", "hierarchical, 4 hosts given ok (hosts x ranks 4x2",
                  "auto, 2 hosts discovered ok (hosts x ranks 2x4"):
-        assert f"process 1: {name}" in log, log
+        assert f"process 1: {name}" in log and "layouts normal+padded" in log, log
 
 
 def test_two_processes_of_two_ranks_match_oracle():
     """Hosts of 2 ranks, one process each (the 4x2 layout above has them inside a process)."""
-    log = _run("cases", devices=2, extra=("--setups", "discovered"))
-    assert "process 1: auto, 2 hosts discovered ok (hosts x ranks 2x2" in log, log
+    log = _run("cases", devices=2, extra=("--setups", "discovered", "--layouts", "normal,padded"))
+    assert "process 1: auto, 2 hosts discovered ok (hosts x ranks 2x2, layouts normal+padded" \
+        in log, log
 
 
 def test_config_mismatch_names_process_and_field():

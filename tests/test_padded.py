@@ -29,18 +29,6 @@ def run_padded(group, x, idx, w):
     return jax.tree.map(np.asarray, harness.per_rank(group.mesh, fn)(x, idx, w))
 
 
-def assert_padded_matches(d, want: oracle.OraclePadded) -> None:
-    np.testing.assert_array_equal(d.x.view(np.uint8), want.rows.view(np.uint8))
-    np.testing.assert_array_equal(d.weights, want.row_weights)
-    np.testing.assert_array_equal(d.recv_counts, want.recv_counts)
-    np.testing.assert_array_equal(d.handle.recv_counts, want.recv_counts)
-    np.testing.assert_array_equal(d.group_sizes, want.group_sizes)
-    np.testing.assert_array_equal(d.num_dropped, want.num_dropped)
-    np.testing.assert_array_equal(d.num_invalid, want.num_invalid)
-    np.testing.assert_array_equal(d.handle.slot_expert, want.slot_expert)
-    np.testing.assert_array_equal(d.handle.slot_pos, want.slot_pos)
-
-
 def check_against_oracle(num_ranks, tokens, top_k, num_experts, max_tokens, dtype=np.float32,
                          hidden=8, idx=None, weights=None, data=1, seed=0):
     rng = np.random.default_rng(seed)
@@ -55,7 +43,7 @@ def check_against_oracle(num_ranks, tokens, top_k, num_experts, max_tokens, dtyp
     for s in range(data):
         sl = slice(s * num_ranks, (s + 1) * num_ranks)
         want = oracle.padded_dispatch(x[sl], idx[sl], weights[sl], num_experts, max_tokens)
-        assert_padded_matches(jax.tree.map(lambda a: a[sl], d), want)
+        harness.assert_padded_matches(jax.tree.map(lambda a: a[sl], d), want)
         harness.assert_combine_close(
             plain[sl], oracle.padded_combine(want.rows, want.slot_expert, want.slot_pos), dtype)
         harness.assert_combine_close(

@@ -15,7 +15,17 @@ Ids outside [0, E) are treated as unrouted by every backend.
 
 The padded layout has operations of the same three shapes over [E_local, N*M, ...] rows and a
 PaddedHandle. Which operations serve each layout is decided once, when the group is made
-(`layout_operations`), and nowhere else.
+(`layout_operations`), and nowhere else:
+
+  backend        normal layout                     padded layout
+  reference      ReferenceBackend                  ReferencePaddedOps (reference_padded.py)
+  cuda           CudaBackend (cuda/normal.py)      CudaPaddedOps (cuda/padded.py), same buffers
+  hierarchical   HierarchicalBackend with its      HierarchicalPaddedOps (hierarchical_padded.py):
+                 intra-host leg: cuda or xla       the same inter-host leg, and the padded
+                                                   intra-host leg of the same kind: the padded
+                                                   kernels on the cuda leg's buffers
+                                                   (CudaIntraHostPaddedLeg) or pure JAX
+                                                   (XlaIntraHostPaddedLeg, CPUs)
 """
 
 from __future__ import annotations
@@ -38,13 +48,26 @@ class NoDeviceState:
 
 def layout_operations(backend_name: str, backend: Any, axis_name: str) -> dict[str, Any]:
     """{"normal": ops, "padded": ops} of a group whose normal layout `backend` computes."""
+    padded: Any
     if backend_name == "cuda":
         from jax_ep.backends.cuda import CudaPaddedOps
 
-        padded: Any = CudaPaddedOps(backend)
+        padded = CudaPaddedOps(backend)
+    elif backend_name == "hierarchical":
+        # Two legs as in the normal layout; inside a host, the padded kernels where the normal
+        # layout runs the cuda kernels, else pure JAX.
+        from jax_ep.backends.hierarchical import XlaIntraHostLeg
+        from jax_ep.backends.hierarchical_padded import (HierarchicalPaddedOps,
+                                                         XlaIntraHostPaddedLeg)
+
+        if isinstance(backend.intra, XlaIntraHostLeg):
+            leg: Any = XlaIntraHostPaddedLeg(axis_name, backend.topo)
+        else:
+            from jax_ep.backends.cuda import CudaIntraHostPaddedLeg
+
+            leg = CudaIntraHostPaddedLeg(backend.intra)
+        padded = HierarchicalPaddedOps(backend, leg)
     else:
-        # reference, and hierarchical: pure-JAX collectives over the whole EP axis, correct
-        # across hosts (the hierarchical backend has no padded-layout leg of its own yet).
         from jax_ep.backends.reference_padded import ReferencePaddedOps
 
         padded = ReferencePaddedOps(axis_name)

@@ -19,7 +19,9 @@ back along the same compacted route, in the rows' dtype (EPConfig.f32_partials: 
 
 The intra-host leg is an object with two methods (deliver, collect): the pure-JAX one here, or
 the cuda kernels' (jax_ep/backends/cuda/intra_host.py), which write rows straight into the
-receivers' rows over NVLink (docs/multihost.md).
+receivers' rows over NVLink (docs/multihost.md). The padded layout
+(jax_ep/backends/hierarchical_padded.py) shares the inter-host leg (forward_records,
+partials_home) and has an intra-host leg of its own.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from jax_ep import routing
 from jax_ep.backends import NoDeviceState
 from jax_ep.config import CallShape
 from jax_ep.topology import Topology
-from jax_ep.types import Handle
+from jax_ep.types import Handle, PaddedHandle
 
 _f32 = jnp.float32
 _i32 = jnp.int32
@@ -167,11 +169,21 @@ def host_route(dest_rank: jax.Array, topo: Topology) -> HostRoute:
     return compact(jnp.any(slot_hosts(dest_rank, topo)[None] == hosts[:, None, None], axis=-1))
 
 
-def inter_host_tokens(handle: Handle, topo: Topology) -> jax.Array:
+def slot_ranks(handle: Handle | PaddedHandle) -> jax.Array:
+    """[T, k] int32: the rank holding each delivered slot, -1 where not delivered: a Handle's
+    dest_rank, or the rank of a PaddedHandle's slot_expert (E_local = recv_counts' rows)."""
+    if isinstance(handle, PaddedHandle):
+        experts_local = handle.recv_counts.shape[0]
+        return jnp.where(handle.slot_expert >= 0, handle.slot_expert // experts_local, -1)
+    return handle.dest_rank
+
+
+def inter_host_tokens(handle: Handle | PaddedHandle, topo: Topology) -> jax.Array:
     """[num_hosts] int32, per rank inside shard_map: the tokens this rank's dispatch sends to
     each host (its own host's entry stays on the host), and the partials its combine gets back
-    from each. What the inter-host leg moves (docs/multihost.md); see entry_bytes."""
-    return host_route(handle.dest_rank, topo).count
+    from each, in either layout. What the inter-host leg moves (docs/multihost.md); see
+    entry_bytes."""
+    return host_route(slot_ranks(handle), topo).count
 
 
 def _dispatch_fields(top_k: int, hidden: int | None, dtype, with_values: bool):
@@ -408,24 +420,39 @@ class HierarchicalBackend:
         recv_count = self.engine.exchange_counts(route.count) if self.engine.needs_counts else None
         return self.engine.exchange(send, route.count, recv_count, fill=0xFF)
 
-    def _pool(self, x, values, dest_rank, dest_row, sizes: CallShape) -> Pool:
-        """Sends each token with its routing (and x, values if given) to the hosts of its slots
-        and returns this forwarder's pool, expanded to entry g * T + t."""
-        nh, t, k = self.topo.num_hosts, sizes.num_tokens, sizes.top_k
+    def my_host(self) -> jax.Array:
+        """[] int32: the host of this rank (inside shard_map)."""
+        return jnp.asarray(self.topo.host_of, _i32)[lax.axis_index(self.axis_name)]
+
+    def forward_records(self, parts: list[jax.Array], fields, route: HostRoute,
+                        sizes: CallShape):
+        """Sends each token's record (parts: per-token arrays [T, ...], the token ids first;
+        fields: their (trailing shape, dtype), _pack's order) to the forwarder of each host of
+        `route`. Returns what this forwarder got, one [num_hosts, T, ...] array per field (chunk
+        g from host g, token id -1 past its tokens), and expand(a, fill), which places such an
+        array at the pool entries g * T + t: [P, ...], `fill` where no token came."""
+        nh, t = self.topo.num_hosts, sizes.num_tokens
         p = nh * t
-        parts = [jnp.arange(t, dtype=_i32), dest_rank, dest_row]
-        parts += [a for a in (x, values) if a is not None]
-        fields = _dispatch_fields(k, x.shape[1] if x is not None else None,
-                                  x.dtype if x is not None else None, values is not None)
-        got = _unpack(self._send(parts, host_route(dest_rank, self.topo)), fields)
-        token, ranks, rows = got[:3]  # [nh, T], [nh, T, k], [nh, T, k]
+        got = _unpack(self._send(parts, route), fields)
+        token = got[0]  # [nh, T]
         entry = jnp.where(token >= 0, jnp.arange(nh, dtype=_i32)[:, None] * t + token, p)
-        my_host = jnp.asarray(self.topo.host_of, _i32)[lax.axis_index(self.axis_name)]
-        here = slot_hosts(ranks, self.topo) == my_host  # padding: rank -1, never here
 
         def expand(a, fill):
             return jnp.full((p,) + a.shape[2:], fill, a.dtype).at[entry].set(a, mode="drop")
 
+        return got, expand
+
+    def _pool(self, x, values, dest_rank, dest_row, sizes: CallShape) -> Pool:
+        """Sends each token with its routing (and x, values if given) to the hosts of its slots
+        and returns this forwarder's pool, expanded to entry g * T + t."""
+        k = sizes.top_k
+        parts = [jnp.arange(sizes.num_tokens, dtype=_i32), dest_rank, dest_row]
+        parts += [a for a in (x, values) if a is not None]
+        fields = _dispatch_fields(k, x.shape[1] if x is not None else None,
+                                  x.dtype if x is not None else None, values is not None)
+        got, expand = self.forward_records(parts, fields, host_route(dest_rank, self.topo), sizes)
+        _, ranks, rows = got[:3]  # [nh, T], [nh, T, k], [nh, T, k]
+        here = slot_hosts(ranks, self.topo) == self.my_host()  # padding: rank -1, never here
         return Pool(expand(got[3], 0) if x is not None else None,
                     expand(got[-1], 0) if values is not None else None,
                     expand(jnp.where(here, ranks, -1), -1), expand(jnp.where(here, rows, -1), -1))
@@ -463,24 +490,35 @@ class HierarchicalBackend:
         return self.engine.exchange(send, back.count, route.count, fill=0)
 
     def combine(self, rows, row_scale, row_values, handle: Handle, sizes: CallShape):
-        nh, t, k = self.topo.num_hosts, sizes.num_tokens, sizes.top_k
         pool = (self._pool(None, None, handle.dest_rank, handle.dest_row, sizes)
                 if self.intra.collect_needs_pool else None)
         pool_sum, pool_values, held = self.intra.collect(rows, row_scale, row_values, handle,
                                                          pool, sizes)
+        return self.partials_home(pool_sum, pool_values, held,
+                                  host_route(handle.dest_rank, self.topo),
+                                  slot_hosts(handle.dest_rank, self.topo), rows, sizes)
+
+    def partials_home(self, pool_sum, pool_values, held, route: HostRoute, dest_host, rows,
+                      sizes: CallShape):
+        """The way back of a combine, from what the intra-host leg collected on the forwarder
+        (pool_sum [P, H] f32 | None, pool_values [P, k] f32 | None, held [P] bool) to the source
+        along its `route`: each host's partial crosses in the rows' dtype (float32 with
+        f32_partials) and the source adds them in host order in float32, rounded once to the
+        rows' dtype; each slot's value is taken from its host, dest_host [T, k] (-1: none).
+        -> (out [T, H] | None, slot_values [T, k] | None)."""
+        nh, t, k = self.topo.num_hosts, sizes.num_tokens, sizes.top_k
         partial_dtype = _f32 if self.f32_partials else rows.dtype if rows is not None else None
         parts = []
         if pool_sum is not None:
             parts.append(pool_sum.astype(partial_dtype).reshape(nh, t, -1))
         if pool_values is not None:
             parts.append(pool_values.reshape(nh, t, k))
-        route = host_route(handle.dest_rank, self.topo)
-        fields = _combine_fields(k, rows.shape[1] if pool_sum is not None else None,
+        fields = _combine_fields(k, rows.shape[-1] if pool_sum is not None else None,
                                  partial_dtype, pool_values is not None)
         got = _unpack(self._send_back(parts, held.reshape(nh, t), route), fields)
         out = slot_values = None
         if pool_sum is not None:
-            acc = jnp.zeros((t, rows.shape[1]), _f32)
+            acc = jnp.zeros((t, rows.shape[-1]), _f32)
             for g in range(nh):  # fixed order over hosts
                 acc = acc.at[route.order[g]].add(got[0][g].astype(_f32), mode="drop")
             out = acc.astype(rows.dtype)
@@ -488,7 +526,6 @@ class HierarchicalBackend:
             # Each slot's value comes from the one host holding it.
             by_token = jnp.zeros((nh, t, k), _f32).at[
                 jnp.arange(nh)[:, None], route.order].set(got[-1], mode="drop")
-            dest_host = slot_hosts(handle.dest_rank, self.topo)
             picked = jnp.take_along_axis(by_token, jnp.maximum(dest_host, 0)[None], axis=0)[0]
             slot_values = jnp.where(dest_host >= 0, picked, jnp.zeros((), _f32))
         return out, slot_values

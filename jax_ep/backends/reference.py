@@ -102,13 +102,14 @@ class ReferenceBackend(NoDeviceState):
                          handle.dest_rank >= 0, rows, row_scale, row_values, sizes)
 
 
-def sum_slots(to_slots, delivered, rows, row_scale, row_values, sizes: CallShape):
+def sum_slots(to_slots, delivered, rows, row_scale, row_values, sizes: CallShape,
+              out_dtype=None):
     """Combine's arithmetic once rows can be brought back to their slots, for every layout.
 
     to_slots maps per-row values [rows..., ...] to per-slot ones [T * k, ...] (zero where the
-    slot was not delivered); delivered is [T, k] bool. Returns (out [T, H] in rows.dtype: each
-    token's delivered slots, scaled by row_scale, summed in float32 in slot order; slot_values
-    [T, k]: row_values back at their slots), each None when its input is.
+    slot was not delivered); delivered is [T, k] bool. Returns (out [T, H] in out_dtype, default
+    rows.dtype: each token's delivered slots, scaled by row_scale, summed in float32 in slot
+    order; slot_values [T, k]: row_values back at their slots), each None when its input is.
     """
     t, k = sizes.num_tokens, sizes.top_k
     out = slot_values = None
@@ -120,7 +121,7 @@ def sum_slots(to_slots, delivered, rows, row_scale, row_values, sizes: CallShape
         acc = jnp.zeros((t, contrib.shape[-1]), jnp.float32)
         for j in range(k):  # fixed summation order: slot 0, 1, ..., k - 1
             acc = jnp.where(delivered[:, j, None], acc + contrib[:, j], acc)
-        out = acc.astype(rows.dtype)
+        out = acc.astype(out_dtype or rows.dtype)
     if row_values is not None:
         slot_values = to_slots(row_values).reshape(t, k)
     return out, slot_values

@@ -21,13 +21,14 @@ _i32, _f32 = jnp.int32, jnp.float32
 _VECTOR_BYTES = 16  # the kernels copy rows in 16-byte vectors
 
 
-def absent(ndim: int) -> jax.Array:
-    """An absent optional operand of `ndim` dimensions (the handler checks operands' ranks)."""
-    return jnp.zeros((0,) * ndim, _f32)
+def absent(ndim: int, dtype=_f32) -> jax.Array:
+    """An absent optional operand of `ndim` dimensions, in the element type of its Bind slot (the
+    handler checks operands' ranks, and XLA the types of typed buffers)."""
+    return jnp.zeros((0,) * ndim, dtype)
 
 
-def _operand(a: jax.Array | None, ndim: int) -> jax.Array:
-    return a if a is not None else absent(ndim)
+def _operand(a: jax.Array | None, ndim: int, dtype=_f32) -> jax.Array:
+    return a if a is not None else absent(ndim, dtype)
 
 
 def _result(shape: tuple[int, ...], dtype, present: bool) -> jax.ShapeDtypeStruct:
@@ -147,12 +148,17 @@ class PaddedDispatchResults(NamedTuple):
 
 
 def padded_dispatch(x: jax.Array | None, x_scales: jax.Array | None, ids: jax.Array,
-                    slot_values: jax.Array | None, *, experts_local: int, num_ranks: int,
-                    max_tokens: int, group_id: int, num_sms: int) -> PaddedDispatchResults:
+                    slot_values: jax.Array | None, sources: jax.Array | None = None, *,
+                    experts_local: int, num_ranks: int, max_tokens: int, group_id: int,
+                    num_sms: int) -> PaddedDispatchResults:
     """jax_ep_padded_dispatch: x [T, H] | None, x_scales [T, S] f32 | None, ids [T, k] i32
     (topk_idx, or a PaddedHandle's slot_expert to move along its routing), slot_values [T, k]
     f32 | None -> each delivered slot at its (expert, source) block position, M = max_tokens
-    rows per block."""
+    rows per block, num_ranks = N source blocks.
+
+    sources [2, N] i32 | None: in a host group of the hierarchical backend each rank sends for
+    several sources, segments of T tokens of the [T, ...] operands (cuda/api.h says how the
+    table numbers them); None where each rank sends for itself (the cuda backend)."""
     t, k = ids.shape
     el, rows = experts_local, num_ranks * max_tokens
     results = (
@@ -164,7 +170,8 @@ def padded_dispatch(x: jax.Array | None, x_scales: jax.Array | None, ids: jax.Ar
         _result((el, num_ranks), _i32, True), _result((el,), _i32, True),
         _result((), _i32, True), _result((t, k), _i32, True), _result((t, k), _i32, True))
     out = _call("jax_ep_padded_dispatch", results,
-                (_operand(x, 2), _operand(x_scales, 2), ids, _operand(slot_values, 1)),
+                (_operand(x, 2), _operand(x_scales, 2), ids, _operand(slot_values, 1),
+                 _operand(sources, 2, _i32)),
                 group_id, num_sms)
     return PaddedDispatchResults(
         out[0] if x is not None else None, out[1] if slot_values is not None else None,
@@ -173,18 +180,21 @@ def padded_dispatch(x: jax.Array | None, x_scales: jax.Array | None, ids: jax.Ar
 
 def padded_combine(rows: jax.Array | None, row_scale: jax.Array | None,
                    row_values: jax.Array | None, recv_counts: jax.Array, slot_expert: jax.Array,
-                   slot_pos: jax.Array, *, group_id: int, num_sms: int):
+                   slot_pos: jax.Array, sources: jax.Array | None = None, *, out_f32: bool,
+                   group_id: int, num_sms: int):
     """jax_ep_padded_combine: rows [E_local, N * M, H] | None, row_scale and row_values
     [E_local, N * M] f32 | None back along a PaddedHandle (recv_counts, slot_expert, slot_pos)
-    -> (out [T, H] in the rows' type | None, slot_values [T, k] f32 | None)."""
+    -> (out [T, H] | None, slot_values [T, k] f32 | None). out is in the rows' type, or float32
+    when out_f32 (unrounded partial sums, which the hierarchical backend adds across hosts).
+    sources as for padded_dispatch."""
     t, k = slot_expert.shape
     results = (_result((t, rows.shape[-1]) if rows is not None else (0, 0),
-                       rows.dtype if rows is not None else _f32, rows is not None),
+                       _f32 if out_f32 or rows is None else rows.dtype, rows is not None),
                _result((t, k), _f32, row_values is not None))
     out, slot_values = _call(
         "jax_ep_padded_combine", results,
         (_operand(rows, 3), _operand(row_scale, 1), _operand(row_values, 1), recv_counts,
-         slot_expert, slot_pos),
+         slot_expert, slot_pos, _operand(sources, 2, _i32)),
         group_id, num_sms)
     return (out if rows is not None else None,
             slot_values if row_values is not None else None)

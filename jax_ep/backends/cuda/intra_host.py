@@ -14,6 +14,9 @@ do not depend on the routing.
 Row ids inside a host group are the group's own (local index l of the forwarder, pool entry p):
 l * P * k + p * k + j. They convert to and from the flat contract's s * T * k + t * k + j by the
 topology alone (pool entry p = g * T + t holds token t of rank (host g, local index l)).
+
+The padded layout (CudaIntraHostPaddedLeg) runs the padded kernels on the same buffers, each
+rank sending for the num_hosts sources of its pool's segments (cuda/padded.cu, "Sources").
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ class CudaIntraHostLeg(StateOwner):
         groups = [[devs[r] for r in host_ranks] for devs in ep_slices(mesh, axis_name).values()
                   for host_ranks in rank_at]
         limits = BufferLimits.of(config, topo.num_hosts * t_max, config.capacity_rows(n, t_max),
-                                 with_padded=False)
+                                 padded_segments=topo.num_hosts)
         self.state = CudaGroupState(groups, limits, coordinator)
         self._host_of = np.asarray(topo.host_of, np.int32)
         self._local_of = np.asarray(topo.local_of, np.int32)
@@ -90,3 +93,44 @@ class CudaIntraHostLeg(StateOwner):
             rows, row_scale, row_values, self._local(pool.dest_rank), pool.dest_row, group_src,
             handle.num_recv, out_f32=True, **self.call_attrs(sizes))
         return pool_sum, pool_values, jnp.any(pool.dest_rank >= 0, axis=-1)
+
+
+class CudaIntraHostPaddedLeg:
+    """IntraHostPaddedLeg (jax_ep/backends/hierarchical_padded.py) over the padded kernels, on
+    the buffers of the group's CudaIntraHostLeg (their padded regions, EPConfig.padded_layout).
+
+    Each forwarder's pool is num_hosts segments of T tokens, segment g those of the global source
+    rank_at[g][l]: the kernels number positions per (expert, segment) and write block (l, s) of
+    the global source s, so the outputs are the flat layout of all N ranks. The kernels name the
+    experts of the host group (rank d's local expert l is d * E_local + l), so the pool's global
+    ids are converted, and the table `sources` ([2, N]: the source of each (segment, forwarder),
+    and where each source sits in the pools) tells them the topology."""
+
+    def __init__(self, leg: CudaIntraHostLeg):
+        from jax_ep.backends.hierarchical_padded import pool_slots
+
+        self.leg = leg
+        self._local_of = leg._local_of
+        self._sources = np.stack([leg._rank_at.reshape(-1), pool_slots(leg.topo)]).astype(
+            np.int32)
+
+    def _group_experts(self, ids, sizes: CallShape):
+        """Global expert ids (on this host, else -1) -> the host group's."""
+        el = sizes.experts_per_rank
+        e = jnp.maximum(ids, 0)
+        return jnp.where(ids >= 0, jnp.asarray(self._local_of)[e // el] * el + e % el, -1)
+
+    def deliver(self, pool, sizes: CallShape):
+        out = calls.padded_dispatch(
+            pool.x, pool.scales, self._group_experts(pool.ids, sizes), pool.values,
+            jnp.asarray(self._sources), experts_local=sizes.experts_per_rank,
+            num_ranks=sizes.num_ranks, max_tokens=sizes.slots_per_source,
+            **self.leg.call_attrs(sizes))
+        return (out.rows, out.row_values, out.scales, out.recv_counts, out.group_sizes,
+                out.num_dropped)
+
+    def collect(self, rows, row_scale, row_values, recv_counts, pool, sizes: CallShape):
+        pool_sum, pool_values = calls.padded_combine(
+            rows, row_scale, row_values, recv_counts, self._group_experts(pool.ids, sizes),
+            pool.pos, jnp.asarray(self._sources), out_f32=True, **self.leg.call_attrs(sizes))
+        return pool_sum, pool_values, jnp.any(pool.ids >= 0, axis=-1)

@@ -23,8 +23,7 @@ class CudaBackend(StateOwner):
         if self.num_ranks * config.max_tokens * config.top_k >= 2**31:
             raise ValueError("EPGroup(backend='cuda'): N * max_tokens * top_k must be < 2**31")
         limits = BufferLimits.of(config, config.max_tokens,
-                                 config.capacity_rows(self.num_ranks, config.max_tokens),
-                                 with_padded=True)
+                                 config.capacity_rows(self.num_ranks, config.max_tokens))
         self.state = CudaGroupState(list(ep_slices(mesh, axis_name).values()), limits,
                                     coordinator)
 

@@ -38,5 +38,5 @@ class CudaPaddedOps:
 
     def combine(self, rows, row_scale, row_values, handle: PaddedHandle, sizes: CallShape):
         return calls.padded_combine(rows, row_scale, row_values, handle.recv_counts,
-                                    handle.slot_expert, handle.slot_pos,
+                                    handle.slot_expert, handle.slot_pos, out_f32=False,
                                     **self.backend.call_attrs(sizes))

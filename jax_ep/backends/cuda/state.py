@@ -47,12 +47,16 @@ class BufferLimits:
 
     @staticmethod
     def of(config: EPConfig, max_tokens: int, max_capacity: int,
-           with_padded: bool) -> "BufferLimits":
+           padded_segments: int = 1) -> "BufferLimits":
+        """padded_segments: the sources each rank sends for in the padded layout (1; the
+        hierarchical backend's host groups: one per host), whose regions come with
+        EPConfig.padded_layout."""
         padded = {}
-        if with_padded and config.padded_layout:
+        if config.padded_layout:
             padded = dict(padded_max_tokens=config.max_tokens,
                           padded_scale_cols=fp8_scale_cols(config.hidden_size),
-                          padded_zero_fill=config.padded_zero_fill)
+                          padded_zero_fill=config.padded_zero_fill,
+                          padded_segments=padded_segments)
         return BufferLimits(
             num_experts=config.num_experts, top_k=config.top_k, max_tokens=max_tokens,
             max_capacity=max_capacity,

@@ -32,22 +32,6 @@ struct CombineParams {
   float* slot_values;
 };
 
-// A reduced vector of kN floats to the output row: in the rows' type (one 16-byte vector), or
-// as float32 (kN / 4 vectors), for partial sums that are added again later.
-template <typename T, bool kOutF32>
-__device__ __forceinline__ void StoreSum(int4* out_row, int v, const float* acc) {
-  using V = Vec16F32<T>;
-  if constexpr (kOutF32) {
-    float4* dst = reinterpret_cast<float4*>(out_row) + v * (V::kN / 4);
-#pragma unroll
-    for (int q = 0; q < V::kN / 4; ++q) {
-      dst[q] = make_float4(acc[4 * q], acc[4 * q + 1], acc[4 * q + 2], acc[4 * q + 3]);
-    }
-  } else {
-    out_row[v] = V::Store(acc);
-  }
-}
-
 __global__ void __launch_bounds__(kThreads) PushKernel(CombineParams p) {
   const CommEnv& env = p.env;
   const BufferMap& L = env.map;

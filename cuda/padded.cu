@@ -439,21 +439,6 @@ constexpr int kGroup = 4;                      // slots loaded before they are s
 
 // A reduced vector of kN floats to the output row: in the rows' type (one 16-byte vector), or as
 // float32 (kN / 4 float4s: the hierarchical backend's partial sums, added again across hosts).
-// As combine.cu's StoreSum.
-template <typename T, bool kOutF32>
-__device__ __forceinline__ void StoreSum(int4* out_row, int v, const float* acc) {
-  using V = Vec16F32<T>;
-  if constexpr (kOutF32) {
-    float4* dst = reinterpret_cast<float4*>(out_row) + v * (V::kN / 4);
-#pragma unroll
-    for (int q = 0; q < V::kN / 4; ++q) {
-      dst[q] = make_float4(acc[4 * q], acc[4 * q + 1], acc[4 * q + 2], acc[4 * q + 3]);
-    }
-  } else {
-    out_row[v] = V::Store(acc);
-  }
-}
-
 template <typename T, bool kOutF32>
 __global__ void __launch_bounds__(kReduceThreads) CombineReduceKernel(CombineParams p) {
   using V = Vec16F32<T>;

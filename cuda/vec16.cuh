@@ -57,6 +57,22 @@ struct Vec16F32<__nv_bfloat16> : Vec16Pairs<__nv_bfloat162, __nv_bfloat16> {};
 template <>
 struct Vec16F32<__half> : Vec16Pairs<__half2, __half> {};
 
+// A reduced vector of kN floats to the output row: in the rows' type (one 16-byte vector), or
+// as float32 (kN / 4 vectors), for partial sums that are added again later.
+template <typename T, bool kOutF32>
+__device__ __forceinline__ void StoreSum(int4* out_row, int v, const float* acc) {
+  using V = Vec16F32<T>;
+  if constexpr (kOutF32) {
+    float4* dst = reinterpret_cast<float4*>(out_row) + v * (V::kN / 4);
+#pragma unroll
+    for (int q = 0; q < V::kN / 4; ++q) {
+      dst[q] = make_float4(acc[4 * q], acc[4 * q + 1], acc[4 * q + 2], acc[4 * q + 3]);
+    }
+  } else {
+    out_row[v] = V::Store(acc);
+  }
+}
+
 // The reduction step of combine: acc[u] += scales[g] * row g's vector u, for g = 0 .. n - 1 in
 // that order (slot order: the fixed float32 summation order that makes combine deterministic).
 // Vector u of the lane is element v0 + u * 32 of the row; those at or past v_end are skipped.

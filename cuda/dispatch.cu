@@ -20,15 +20,17 @@ constexpr int kThreads = 1024;
 // (k >= 4) whose tokens give every warp a whole row: there 512 threads with 16 loads a lane move
 // the k copies faster (DeepSeek-V3 shape, 24 SMs, H100: 411 against 441 us). Elsewhere the wide
 // shape was slower (Mixtral, k = 2: 144 against 134 us at 24 SMs; decode, T = 128 at 132 SMs:
-// 18.6 against 15.9 us): bench/RESULTS.md, "Against a copy kernel ...".
+// 18.6 against 15.9 us): bench/RESULTS.md, "Kernel changes tried against these ceilings".
 struct SendShape {
   int threads;
   int per_lane;  // 16-byte loads in flight per lane
 };
 constexpr SendShape kSendNarrow{1024, 8}, kSendWide{512, 16};
-SendShape ChooseSendShape(const CallShape& s) {
-  const long long wide_warps = static_cast<long long>(s.num_sms) * kSendWide.threads / 32;
-  return s.top_k >= 4 && s.tokens >= 2 * wide_warps ? kSendWide : kSendNarrow;
+// Whether a call's send pass takes kSendWide: k >= 4, and at least two tokens per warp of the
+// 512-thread grid (so PiecesPerToken gives each warp whole rows).
+bool SendsWide(const CallShape& s) {
+  const long long wide_warps = static_cast<long long>(s.num_sms) * kSendWide.threads / kWarp;
+  return s.top_k >= 4 && s.tokens >= 2 * wide_warps;
 }
 
 struct SendParams {
@@ -211,7 +213,7 @@ __global__ void __launch_bounds__(kThreads) FinalizeKernel(FinalizeParams p) {
 
 template <bool kDispatch>
 cudaError_t LaunchSend(const SendParams& p, cudaStream_t stream) {
-  if (ChooseSendShape(p.shape).threads == kSendWide.threads) {
+  if (SendsWide(p.shape)) {
     SendKernel<kDispatch, kSendWide.threads, kSendWide.per_lane>
         <<<p.shape.num_sms, kSendWide.threads, 0, stream>>>(p);
   } else {

@@ -551,17 +551,9 @@ cudaError_t LaunchCombine(const CombineArgs& a, cudaStream_t stream) {
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  // float32 rows give float32 sums already; only 16-bit rows have a second (f32) output kind.
-  switch (a.elem) {
-    case ElemType::kF32: return LaunchReduce<float, false>(p, stream);
-    case ElemType::kBF16:
-      return a.out_f32 ? LaunchReduce<__nv_bfloat16, true>(p, stream)
-                       : LaunchReduce<__nv_bfloat16, false>(p, stream);
-    case ElemType::kF16:
-      return a.out_f32 ? LaunchReduce<__half, true>(p, stream)
-                       : LaunchReduce<__half, false>(p, stream);
-  }
-  return cudaErrorInvalidValue;
+  return WithReduceTypes(a.elem, a.out_f32, [&](auto elem, auto out_f32) {
+    return LaunchReduce<decltype(elem), decltype(out_f32)::value>(p, stream);
+  });
 }
 
 }  // namespace padded

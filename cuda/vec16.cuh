@@ -5,6 +5,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
+#include "cuda/api.h"
+
 namespace jax_ep {
 
 template <typename T>
@@ -56,6 +60,22 @@ template <>
 struct Vec16F32<__nv_bfloat16> : Vec16Pairs<__nv_bfloat162, __nv_bfloat16> {};
 template <>
 struct Vec16F32<__half> : Vec16Pairs<__half2, __half> {};
+
+// Calls launch(T{}, std::bool_constant<kOutF32>{}) with the row element type T and output kind
+// of a reduce: float32 rows give float32 sums already, so only 16-bit rows have a second (f32)
+// output kind.
+template <typename Launch>
+cudaError_t WithReduceTypes(ElemType elem, bool out_f32, Launch launch) {
+  switch (elem) {
+    case ElemType::kF32: return launch(float{}, std::false_type{});
+    case ElemType::kBF16:
+      return out_f32 ? launch(__nv_bfloat16{}, std::true_type{})
+                     : launch(__nv_bfloat16{}, std::false_type{});
+    case ElemType::kF16:
+      return out_f32 ? launch(__half{}, std::true_type{}) : launch(__half{}, std::false_type{});
+  }
+  return cudaErrorInvalidValue;
+}
 
 // A reduced vector of kN floats to the output row: in the rows' type (one 16-byte vector), or
 // as float32 (kN / 4 vectors), for partial sums that are added again later.

@@ -86,6 +86,16 @@ def assert_padded_matches(d, want: oracle.OraclePadded) -> None:
     np.testing.assert_array_equal(d.handle.slot_pos, want.slot_pos)
 
 
+def padded_grad_inputs(n, t, k, e, h, seed=21):
+    """(x, idx, w, rng) for the padded layout's gradient tests: f32 tokens, some slots unrouted,
+    and slot 1 of each rank's token 0 repeating slot 0's expert (not delivered, so no gradient
+    flows through it)."""
+    rng = np.random.default_rng(seed)
+    idx, w = random_routing(rng, n, t, k, e, unrouted=0.2)
+    idx[:, 0, 1] = idx[:, 0, 0]
+    return random_tokens(rng, n, t, h, np.float32), idx, w, rng
+
+
 def assert_combine_close(got, want_f64, dtype) -> None:
     """float32 accumulation, then one rounding to dtype: within 2 ulps of dtype of the exact
     float64 sum (absolute slack scaled by the largest output, for sums that cancel)."""
@@ -93,3 +103,14 @@ def assert_combine_close(got, want_f64, dtype) -> None:
     scale = max(1.0, float(np.abs(want_f64).max(initial=0.0)))
     np.testing.assert_allclose(np.asarray(got, np.float64), want_f64, rtol=2 * eps,
                                atol=2 * eps * scale)
+
+
+def assert_partials_rounding(f32_partials, rounded, exact, abs_terms) -> None:
+    """The hierarchical combine of bf16 rows: with f32 partials the exact float64 sum `exact`
+    rounded once (2 ulps); with partials rounded to bf16 before they cross hosts, within
+    u * (abs_terms + |exact|) (u = 2**-8, bf16's unit roundoff; abs_terms: the same combine of
+    |rows| and |weights|), and different from the unrounded result somewhere."""
+    assert_combine_close(f32_partials, exact, jax.numpy.bfloat16)
+    err = np.abs(np.asarray(rounded).astype(np.float64) - exact)
+    assert np.all(err <= 2.0**-8 * (abs_terms + np.abs(exact)) + 1e-30), err.max()
+    assert np.any(np.asarray(rounded) != np.asarray(f32_partials))

@@ -152,10 +152,7 @@ N, T, K, E, H, M = 4, 3, 2, 8, 4, 4
 
 @pytest.fixture(scope="module")
 def grad_setup():
-    rng = np.random.default_rng(21)
-    idx, w = harness.random_routing(rng, N, T, K, E, unrouted=0.2)
-    idx[:, 0, 1] = idx[:, 0, 0]  # a repeat: not delivered, so no gradient through it
-    x = harness.random_tokens(rng, N, T, H, np.float32)
+    x, idx, w, rng = harness.padded_grad_inputs(N, T, K, E, H)
     return make_group(N, E, K, M, hidden=H), x, idx, w, rng
 
 

@@ -76,6 +76,32 @@ __device__ __forceinline__ void BulkWaitRead() {
 __device__ __forceinline__ void BulkWaitAll() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
 __device__ __forceinline__ void FenceProxyAsync() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
+// A warp's kStages buffers of stage_bytes in the block's dynamic shared memory, and its kStages
+// mbarriers after every warp's buffers, initialised (arrival count 1) by its lane 0.
+struct WarpStages {
+  char* buf;
+  uint64_t* bars;
+};
+template <int kStages>
+__device__ WarpStages InitWarpStages(char* smem, long long stage_bytes) {
+  const int warps = blockDim.x / kWarp, w = threadIdx.x / kWarp;
+  const WarpStages st{smem + w * kStages * stage_bytes,
+                      reinterpret_cast<uint64_t*>(smem + warps * kStages * stage_bytes) + w * kStages};
+  if (threadIdx.x % kWarp == 0) {
+    for (int s = 0; s < kStages; ++s) BarInit(&st.bars[s], 1);
+    FenceProxyAsync();
+  }
+  __syncwarp();
+  return st;
+}
+
+// How many of items_all items, handed out round-robin over the grid's warps (item GlobalWarp() +
+// i * NumWarps() is this warp's i-th), are this warp's.
+__device__ __forceinline__ long long WarpItemCount(long long items_all) {
+  const long long first = GlobalWarp(), step = NumWarps();
+  return first < items_all ? (items_all - first + step - 1) / step : 0;
+}
+
 // ---- ceilings -------------------------------------------------------------------------------
 template <int kUnroll>
 __global__ void CopyRegs(const int4* __restrict__ src, int4* __restrict__ dst, long long n) {
@@ -139,15 +165,12 @@ __global__ void WriteTma(char* __restrict__ dst, long long bytes) {
 template <int kChunk, int kStages>
 __global__ void ReadTma(const char* __restrict__ src, long long bytes, int* sink) {
   extern __shared__ __align__(128) char smem[];
-  const int warps = blockDim.x / kWarp, w = threadIdx.x / kWarp;
-  char* buf = smem + w * kStages * kChunk;
-  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + warps * kStages * kChunk) + w * kStages;
+  const auto [buf, bars] = InitWarpStages<kStages>(smem, kChunk);
   if (threadIdx.x % kWarp != 0) return;
-  for (int s = 0; s < kStages; ++s) BarInit(&bars[s], 1);
-  FenceProxyAsync();
+  // Item i of the warp: chunk GlobalWarp() + i * NumWarps(), at byte first + i * step.
   const long long step = static_cast<long long>(NumWarps()) * kChunk;
   const long long first = static_cast<long long>(GlobalWarp()) * kChunk;
-  const long long items = first < bytes ? (bytes - first + step - 1) / step : 0;
+  const long long items = WarpItemCount((bytes + kChunk - 1) / kChunk);
   int acc = 0;
   for (long long i = 0; i < items + kStages - 1; ++i) {
     if (i < items) {  // issue item i
@@ -202,16 +225,11 @@ __global__ void FanoutTma(const char* __restrict__ x, char* __restrict__ out, co
                           int T, int k, int row_bytes) {
   static_assert(kAhead < kStages, "a buffer is reloaded only after its stores have read it");
   extern __shared__ __align__(128) char smem[];
-  const int warps = blockDim.x / kWarp, w = threadIdx.x / kWarp;
-  char* buf = smem + w * kStages * kPiece;
-  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + warps * kStages * kPiece) + w * kStages;
+  const auto [buf, bars] = InitWarpStages<kStages>(smem, kPiece);
   if (threadIdx.x % kWarp != 0) return;
-  for (int s = 0; s < kStages; ++s) BarInit(&bars[s], 1);
-  FenceProxyAsync();
   const int pieces = (row_bytes + kPiece - 1) / kPiece;
-  const long long items_all = static_cast<long long>(T) * pieces;
   const long long first = GlobalWarp(), step = NumWarps();
-  const long long items = first < items_all ? (items_all - first + step - 1) / step : 0;
+  const long long items = WarpItemCount(static_cast<long long>(T) * pieces);
   auto piece_bytes = [&](long long item) {
     const int piece = static_cast<int>(item % pieces);
     return static_cast<uint32_t>(min(kPiece, row_bytes - piece * kPiece));
@@ -304,19 +322,12 @@ __global__ void FaninTma(const char* __restrict__ rows, const int* __restrict__ 
                          const float* __restrict__ weight, int4* __restrict__ out, int T, int k,
                          int row_bytes, int max_k) {
   extern __shared__ __align__(128) char smem[];
-  const int warps = blockDim.x / kWarp, w = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int lane = threadIdx.x % kWarp;
   const int stage_bytes = max_k * kPiece;
-  char* buf = smem + static_cast<long long>(w) * kStages * stage_bytes;
-  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + static_cast<long long>(warps) * kStages * stage_bytes) + w * kStages;
-  if (lane == 0) {
-    for (int s = 0; s < kStages; ++s) BarInit(&bars[s], 1);
-    FenceProxyAsync();
-  }
-  __syncwarp();
+  const auto [buf, bars] = InitWarpStages<kStages>(smem, stage_bytes);
   const int pieces = (row_bytes + kPiece - 1) / kPiece;
-  const long long items_all = static_cast<long long>(T) * pieces;
   const long long first = GlobalWarp(), step = NumWarps();
-  const long long items = first < items_all ? (items_all - first + step - 1) / step : 0;
+  const long long items = WarpItemCount(static_cast<long long>(T) * pieces);
   constexpr int kAhead = kStages - 1;
   for (long long i = 0; i < items + kAhead; ++i) {
     if (i < items && lane == 0) {
@@ -395,18 +406,11 @@ template <int kPiece, int kStages>
 __global__ void FanoutTma2(const char* __restrict__ x, char* __restrict__ out, const int* __restrict__ dest_row,
                            int T, int k, int row_bytes) {
   extern __shared__ __align__(128) char smem[];
-  const int warps = blockDim.x / kWarp, w = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  char* buf = smem + w * kStages * kPiece;
-  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + warps * kStages * kPiece) + w * kStages;
-  if (lane == 0) {
-    for (int s = 0; s < kStages; ++s) BarInit(&bars[s], 1);
-    FenceProxyAsync();
-  }
-  __syncwarp();
+  const int lane = threadIdx.x % kWarp;
+  const auto [buf, bars] = InitWarpStages<kStages>(smem, kPiece);
   const int pieces = (row_bytes + kPiece - 1) / kPiece;
-  const long long items_all = static_cast<long long>(T) * pieces;
   const long long first = GlobalWarp(), step = NumWarps();
-  const long long items = first < items_all ? (items_all - first + step - 1) / step : 0;
+  const long long items = WarpItemCount(static_cast<long long>(T) * pieces);
   constexpr int kAhead = kStages - 1;
   int rows_of[kStages];  // lane q < k: slot q's row for the item in each stage
   for (long long i = 0; i < items + kAhead; ++i) {
@@ -414,7 +418,7 @@ __global__ void FanoutTma2(const char* __restrict__ x, char* __restrict__ out, c
       const int s = i % kStages;
       const long long item = first + i * step;
       // This buffer's previous stores (item i - kStages) must have read it: each storing lane
-      // waits for its own groups, all but the kAhead - 1 newest... all of them, to keep it simple.
+      // waits until all its bulk groups have read shared memory (bulk groups are per thread).
       if (i >= kStages) BulkWaitRead<0>();
       __syncwarp();
       const long long t = item / pieces;

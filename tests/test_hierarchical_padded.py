@@ -194,7 +194,7 @@ def test_pool_holds_the_routed_tokens_in_source_order(hosts, monkeypatch):
 
         slot_expert = routing.padded_slots(i, sizes)[0]
         ids = jnp.where(routing.valid_slots(i, e), i, -1)
-        pool = ops._pool(slot_expert, ids, None, None, None, b, sizes)
+        pool = ops._pool(ops._route(slot_expert, sizes), ids, None, None, None, b, sizes)
         return pool.ids, pool.values
 
     pool_ids, pool_values = jax.tree.map(np.asarray, harness.per_rank(group.mesh, per)(idx, w))

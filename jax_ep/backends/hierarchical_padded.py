@@ -33,8 +33,8 @@ import numpy as np
 
 from jax_ep import routing
 from jax_ep.backends import NoDeviceState
-from jax_ep.backends.hierarchical import (HierarchicalBackend, _all_to_all, host_route,
-                                          slot_hosts, slot_ranks)
+from jax_ep.backends.hierarchical import (HierarchicalBackend, HostRoute, _all_to_all,
+                                          host_route, slot_hosts)
 from jax_ep.backends.reference import sum_slots
 from jax_ep.config import CallShape
 from jax_ep.topology import Topology
@@ -199,14 +199,17 @@ class HierarchicalPaddedOps:
         """[..., k]: the global rank of each slot's expert, -1 where it has none."""
         return jnp.where(ids >= 0, ids // sizes.experts_per_rank, -1)
 
-    def _pool(self, slot_expert, ids, pos, x, scales, values, sizes: CallShape) -> PaddedPool:
+    def _route(self, slot_expert, sizes: CallShape) -> HostRoute:
+        """The inter-host route of a source's tokens: to the hosts of their delivered slots."""
+        return host_route(self._expert_rank(slot_expert, sizes), self.topo)
+
+    def _pool(self, route: HostRoute, ids, pos, x, scales, values, sizes: CallShape) -> PaddedPool:
         """Sends each token, with its slots' expert ids [T, k] (and pos, x, scales, values where
-        given), to the forwarders of the hosts of its delivered slots (slot_expert), and returns
-        this forwarder's pool."""
+        given), along `route` (_route) to the forwarders of the hosts of its delivered slots, and
+        returns this forwarder's pool."""
         named = [("token", jnp.arange(sizes.num_tokens, dtype=_i32)), ("ids", ids),
                  ("pos", pos), ("x", x), ("scales", scales), ("values", values)]
         named = [(name, a) for name, a in named if a is not None]
-        route = host_route(self._expert_rank(slot_expert, sizes), self.topo)
         got, expand = self.backend.forward_records(
             [a for _, a in named], [(a.shape[1:], a.dtype) for _, a in named], route, sizes)
         got = {name: a for (name, _), a in zip(named, got)}
@@ -226,24 +229,24 @@ class HierarchicalPaddedOps:
         """-> (rows, row_weights, group_sizes, num_dropped, handle, scales | None)."""
         slot_expert, slot_pos, _, _ = routing.padded_slots(topk_idx, sizes)
         ids = jnp.where(routing.valid_slots(topk_idx, sizes.num_experts), topk_idx, -1)
-        pool = self._pool(slot_expert, ids.astype(_i32), None, x, x_scales, topk_weights, sizes)
+        pool = self._pool(self._route(slot_expert, sizes), ids.astype(_i32), None, x, x_scales,
+                          topk_weights, sizes)
         rows, row_weights, scales, recv_counts, group_sizes, num_dropped = self.intra.deliver(
             pool, sizes)
         handle = PaddedHandle(slot_expert=slot_expert, slot_pos=slot_pos, recv_counts=recv_counts)
         return rows, row_weights, group_sizes, num_dropped, handle, scales
 
     def redispatch(self, x, slot_values, handle: PaddedHandle, sizes: CallShape):
-        pool = self._pool(handle.slot_expert, handle.slot_expert, None, x, None, slot_values,
-                          sizes)
+        pool = self._pool(self._route(handle.slot_expert, sizes), handle.slot_expert, None, x,
+                          None, slot_values, sizes)
         rows, row_values = self.intra.deliver(pool, sizes)[:2]
         return rows, row_values
 
     def combine(self, rows, row_scale, row_values, handle: PaddedHandle, sizes: CallShape):
-        pool = self._pool(handle.slot_expert, handle.slot_expert, handle.slot_pos, None, None,
-                          None, sizes)
+        expert_rank = self._expert_rank(handle.slot_expert, sizes)
+        route = host_route(expert_rank, self.topo)
+        pool = self._pool(route, handle.slot_expert, handle.slot_pos, None, None, None, sizes)
         pool_sum, pool_values, held = self.intra.collect(rows, row_scale, row_values,
                                                          handle.recv_counts, pool, sizes)
-        expert_rank = slot_ranks(handle)
-        return self.backend.partials_home(pool_sum, pool_values, held,
-                                          host_route(expert_rank, self.topo),
+        return self.backend.partials_home(pool_sum, pool_values, held, route,
                                           slot_hosts(expert_rank, self.topo), rows, sizes)
